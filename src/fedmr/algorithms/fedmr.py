@@ -1,0 +1,37 @@
+"""FedMR (Hu et al.): the server keeps one model per slot and, after each round, shuffles every
+state entry independently among the K trained models, so each client trains a different mosaic.
+The evaluated global model is the unweighted mean of the pool; it is never sent for training,
+except in the optional first stage, where every slot is reset to it (FedAvg with equal weights)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..maths import draw_permutations, pool_mean, recombine_, replicate
+from .base import check_range
+from .fedindep import FedIndep
+
+
+class FedMR(FedIndep):
+    name = "fedmr"
+    description = "layer-wise random recombination of the K client models each round (two-stage, partial variants)"
+    reference = ("Hu et al., FedMR: Federated Learning via Model Recombination, arXiv:2208.07677; "
+                 "Is Aggregation the Only Choice? Federated Learning via Layer-wise Model Recombination, KDD 2024")
+    # block_fraction = 0 means per-key recombination; p in (0, 1] moves blocks of about p*L keys.
+    defaults = {"first_stage_rounds": 0, "block_fraction": 0.0}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        check_range("fedmr", options, "block_fraction", 0.0, 1.0)
+        check_range("fedmr", options, "first_stage_rounds", 0, float("inf"))
+
+    def mix(self, round_idx: int, rng: torch.Generator) -> None:
+        k = self.federation.clients_per_round
+        if round_idx < self.options["first_stage_rounds"]:
+            self.pool = replicate(self.global_state(), k)  # first stage: every slot becomes G
+            return
+        block = self.options["block_fraction"] or None
+        recombine_(self.pool, draw_permutations(list(self.pool), k, rng, block))

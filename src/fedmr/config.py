@@ -1,0 +1,196 @@
+"""Experiment configuration: the paper's defaults, TOML files, ``--set KEY=VALUE`` overrides, validation.
+
+A config is a plain nested dict.  Top-level keys are the run's settings; each
+algorithm has a section of its own options (``[fedmr]``, ``[fedprox]``...),
+whose defaults the algorithm class declares.  Everything is checked here, once,
+so later code can trust it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+from .errors import ConfigError
+
+# The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
+DEFAULTS: dict[str, Any] = {
+    "algorithm": "fedmr",
+    "dataset": "digits",
+    "data_dir": "data",
+    "normalization": "auto",
+    "model": "auto",
+    "num_clients": 100,
+    "clients_per_round": 10,
+    "rounds": 500,
+    "local_epochs": 5,
+    "batch_size": 50,
+    "lr": 0.01,
+    "momentum": 0.5,
+    "partition": "dirichlet",
+    "alpha": 0.1,
+    "partition_file": "",
+    "seed": 1,
+    "eval_every": 10,
+    "test_batch_size": 1000,
+    "device": "cpu",
+    "workers": 1,
+    "max_update_norm": 0.0,
+}
+
+PARTITIONS = ("iid", "dirichlet", "file", "natural")
+
+def algorithm_sections() -> dict[str, dict[str, Any]]:
+    """Default options of every registered algorithm, keyed by algorithm name."""
+    from .algorithms import ALGORITHMS
+
+    return {name: copy.deepcopy(cls.defaults) for name, cls in ALGORITHMS.items()}
+
+
+def default_config() -> dict[str, Any]:
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg.update(algorithm_sections())
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: a TOML literal (number, bool, quoted string, array) or else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignment(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
+    return key.split("."), parse_value(value.strip())
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Merge ``overrides`` into ``base``, refusing keys that ``base`` does not have."""
+    for key, value in overrides.items():
+        name = f"{where}{key}"
+        if key not in base:
+            if not where and isinstance(value, Mapping):
+                raise ConfigError(f"unknown config section '{name}' (no such algorithm)")
+            raise ConfigError(f"unknown config key '{name}'")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key '{name}' is a section; set its keys as {name}.KEY")
+            merge(base[key], value, f"{name}.")
+        else:
+            if isinstance(value, Mapping):
+                raise ConfigError(f"config key '{name}' is not a section")
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None = None, assignments: Iterable[str] = ()) -> dict[str, Any]:
+    """Defaults, then the TOML file, then each ``--set`` in order; validated."""
+    cfg = default_config()
+    if path is not None:
+        merge(cfg, read_toml(path))
+    for item in assignments:
+        keys, value = parse_assignment(item)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        merge(cfg, nested)
+    return validate(cfg)
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check types and ranges; returns the same dict with numbers normalised."""
+    from .algorithms import ALGORITHMS
+
+    reference = default_config()
+    for key, default in reference.items():
+        if isinstance(default, dict):
+            for sub, sub_default in default.items():
+                cfg[key][sub] = _check_type(f"{key}.{sub}", cfg[key][sub], sub_default)
+        elif key == "workers":
+            value = cfg[key]
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
+        else:
+            cfg[key] = _check_type(key, cfg[key], default)
+
+    if cfg["algorithm"] not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm '{cfg['algorithm']}' (choose from {', '.join(ALGORITHMS)})")
+    for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "test_batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[key]}")
+    if cfg["clients_per_round"] > cfg["num_clients"]:
+        raise ConfigError(
+            f"clients_per_round ({cfg['clients_per_round']}) cannot exceed num_clients ({cfg['num_clients']})"
+        )
+    if cfg["lr"] <= 0:
+        raise ConfigError(f"config key 'lr' must be positive, got {cfg['lr']}")
+    if not 0 <= cfg["momentum"] < 1:
+        raise ConfigError(f"config key 'momentum' must be in [0, 1), got {cfg['momentum']}")
+    if cfg["partition"] not in PARTITIONS:
+        raise ConfigError(f"unknown partition '{cfg['partition']}' (choose from {', '.join(PARTITIONS)})")
+    if cfg["partition"] == "dirichlet" and cfg["alpha"] <= 0:
+        raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {cfg['alpha']}")
+    if cfg["partition"] == "file" and not cfg["partition_file"]:
+        raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
+    if cfg["device"] not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {cfg['device']!r}")
+    for name, cls in ALGORITHMS.items():
+        cls.check_options(cfg[name])
+    return cfg
+
+
+def to_toml(cfg: Mapping[str, Any]) -> str:
+    return tomli_w.dumps(dict(cfg))
+
+
+def algorithm_options(cfg: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    return dict(cfg[name or cfg["algorithm"]])

@@ -1,0 +1,198 @@
+"""The single-machine simulator: config -> data and partition -> rounds of the algorithm -> results.
+
+The data set stays resident as tensors; clients are slices by index; the
+algorithm object is the same one the Flower apps drive.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
+from ..algorithms.base import Algorithm
+from ..data import DataSet, load_dataset
+from ..errors import ConfigError
+from ..maths import State
+from ..models import build_model
+from ..partition import Partition, make_partition, summarize, format_summary, to_json
+from ..results import RunWriter, summarize_metrics
+from ..seeding import derive_seed, numpy_rng, torch_generator
+from ..training import LocalSettings, clone_state, evaluate
+from .runner import ClientData, SequentialRunner
+from .validation import update_problem
+
+log = logging.getLogger("fedmr")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = \"cuda\" but no CUDA GPU is available (use \"cpu\" or \"auto\")")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs before its first round; shared by the runs of ``compare``."""
+
+    cfg: dict[str, Any]
+    data: DataSet
+    partition: Partition
+    partition_summary: dict[str, Any]
+    model_name: str
+    initial_state: State
+    device: torch.device
+
+    @property
+    def federation(self) -> Federation:
+        labels = self.data.train_y.cpu().numpy()
+        counts = tuple(tuple(int(c) for c in np.bincount(labels[p], minlength=self.data.num_classes)) for p in self.partition)
+        return Federation(
+            num_clients=self.cfg["num_clients"],
+            clients_per_round=self.cfg["clients_per_round"],
+            client_sizes=tuple(len(p) for p in self.partition),
+            num_classes=self.data.num_classes,
+            seed=self.cfg["seed"],
+            label_counts=counts,
+        )
+
+    def new_model(self) -> torch.nn.Module:
+        model = build_model(self.model_name, self.data.num_classes, self.data.in_channels, self.data.image_size)
+        model.load_state_dict(self.initial_state)
+        return model.to(self.device, memory_format=torch.channels_last)
+
+
+def prepare(cfg: dict[str, Any], data: DataSet | None = None) -> Experiment:
+    """Load data, draw the partition and the initial model, all from the config's seed."""
+    device = resolve_device(cfg["device"])
+    data = data if data is not None else load_dataset(cfg)
+    labels = data.train_y.cpu().numpy()
+    partition = make_partition(cfg, labels, data.natural_partition)
+    summary = summarize(partition, labels, data.num_classes)
+    model_name = data.default_model if cfg["model"] == "auto" else cfg["model"]
+    torch.manual_seed(derive_seed(cfg["seed"], "init"))
+    model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
+    initial = clone_state(model)
+    return Experiment(cfg, data.to(device), partition, summary, model_name, initial, device)
+
+
+@dataclass
+class RunOutcome:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    final_state: State
+    out_dir: Path | None = None
+    algorithm: Algorithm | None = field(default=None, repr=False)
+
+
+class Simulation:
+    """Runs one algorithm on a prepared experiment, writing results as it goes."""
+
+    def __init__(self, experiment: Experiment, *, algorithm: str | None = None, out_dir: str | Path | None = None,
+                 progress: str = "bar", label: str | None = None):
+        self.exp = experiment
+        self.cfg = dict(experiment.cfg)
+        if algorithm is not None:
+            self.cfg["algorithm"] = algorithm
+        self.algorithm = build_algorithm(self.cfg, experiment.federation)
+        self.settings = LocalSettings.from_config(self.cfg)
+        self.model = experiment.new_model()
+        self.client_data = ClientData(experiment.data.train_x, experiment.data.train_y, experiment.partition)
+        self.runner = SequentialRunner(self.algorithm, self.model, self.client_data, self.settings, self.cfg["seed"])
+        self.writer = RunWriter(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.label = label or self.cfg["algorithm"]
+        self.rows: list[dict[str, Any]] = []
+
+    # ---- one round ---------------------------------------------------------------------
+    def _validated(self, results: Iterable[TrainResult], tasks: list[TrainTask], counts: dict[str, Any]) -> Iterator[TrainResult]:
+        limit = float(self.cfg.get("max_update_norm", 0.0))
+        for result in results:
+            problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
+            if problem is not None:
+                log.warning("round %d: rejected the update of client %d: %s", counts["round"], result.client_id, problem)
+                counts["rejected"] += 1
+                continue
+            counts["losses"].append(result.train_loss)
+            yield result
+
+    def run_round(self, round_idx: int) -> dict[str, Any]:
+        seed = self.cfg["seed"]
+        clients = self.algorithm.select_clients(round_idx, numpy_rng(seed, "select", round_idx))
+        tasks = self.algorithm.configure_train(round_idx, clients)
+        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "losses": []}
+        results = self._validated(self.runner.run(round_idx, tasks), tasks, counts)
+        used = self.algorithm.aggregate_train(round_idx, results, torch_generator(seed, "server", round_idx))
+        losses = counts["losses"]
+        return {"clients": used, "rejected": counts["rejected"],
+                "train_loss": sum(losses) / len(losses) if losses else float("nan")}
+
+    def evaluate(self) -> tuple[float, float]:
+        self.model.load_state_dict(self.algorithm.global_state())
+        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
+
+    # ---- the whole run -----------------------------------------------------------------
+    def _write_header(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.write_config(self.cfg)
+        kind = self.cfg["partition"]
+        doc = to_json(self.exp.partition, dataset=self.cfg["dataset"], kind=kind,
+                      alpha=self.cfg["alpha"] if kind == "dirichlet" else None)
+        self.writer.write_partition(doc, self.exp.partition_summary)
+
+    def run(self) -> RunOutcome:
+        cfg = self.cfg
+        rounds, every = cfg["rounds"], cfg["eval_every"]
+        self._write_header()
+        self.algorithm.setup(self.exp.initial_state)
+        bar = tqdm(total=rounds, desc=self.label, disable=self.progress != "bar", dynamic_ncols=True,
+                   file=sys.stderr, unit="round")
+        start = time.perf_counter()
+        round_stats: dict[str, Any] = {}
+        try:
+            for r in range(rounds):
+                t0 = time.perf_counter()
+                round_stats = self.run_round(r)
+                if (r + 1) % every == 0 or r == rounds - 1:
+                    acc, loss = self.evaluate()
+                    row = {"round": r + 1, "accuracy": acc, "loss": loss, **round_stats,
+                           "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
+                           "elapsed_s": time.perf_counter() - start}
+                    self.rows.append(row)
+                    if self.writer is not None:
+                        self.writer.write_metrics(self.rows)
+                    bar.set_postfix(acc=f"{acc:.4f}", s_per_round=f"{time.perf_counter() - t0:.2f}", refresh=False)
+                    if self.progress == "log":
+                        print(f"[{self.label}] round {r + 1}/{rounds} accuracy {acc:.4f} loss {loss:.4f} "
+                              f"elapsed {row['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+                bar.update(1)
+        finally:
+            bar.close()
+            self.runner.close()
+        wall = time.perf_counter() - start
+        summary = {"algorithm": cfg["algorithm"], "dataset": cfg["dataset"], "model": self.exp.model_name,
+                   **summarize_metrics(self.rows, wall, rounds)}
+        if self.writer is not None:
+            self.writer.write_summary(summary)
+        return RunOutcome(self.rows, summary, self.algorithm.global_state(),
+                          self.writer.dir if self.writer else None, self.algorithm)
+
+
+def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, progress: str = "bar") -> RunOutcome:
+    """Convenience: prepare and run one config."""
+    exp = prepare(cfg)
+    if progress != "none":
+        print(format_summary(exp.partition_summary), file=sys.stderr)
+    return Simulation(exp, out_dir=out_dir, progress=progress).run()

@@ -1,0 +1,195 @@
+"""Client partitions: IID, the authors' Dirichlet variant, saved files, and writers' natural splits.
+
+A partition is a list of index lists, one per client, into the training set.
+Files use the authors' JSON format, so their saved partitions load here and
+ours load in their code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PartitionError
+
+Partition = list[list[int]]
+
+MIN_CLIENT_SIZE = 10
+MAX_DIRICHLET_TRIES = 1000
+
+
+def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator) -> Partition:
+    """Shuffle and deal out equal shares (sizes differ by at most one)."""
+    if num_samples < num_clients:
+        raise PartitionError(f"data set too small: {num_samples} training samples for {num_clients} clients")
+    order = rng.permutation(num_samples)
+    return [part.tolist() for part in np.array_split(order, num_clients)]
+
+
+def dirichlet_partition(
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = MIN_CLIENT_SIZE
+) -> Partition:
+    """The authors' Dirichlet label skew.
+
+    Repeat until the smallest client holds ``min_size`` samples: for each class,
+    shuffle its indices, draw proportions ~ Dir(alpha) over the clients, zero the
+    share of every client already holding at least N / num_clients samples,
+    renormalise and split the class at the cumulative proportions.  Finally each
+    client's list is shuffled.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if alpha <= 0:
+        raise PartitionError(f"alpha must be positive, got {alpha}")
+    if n < min_size * num_clients:
+        raise PartitionError(
+            f"data set too small: {n} training samples cannot give {num_clients} clients {min_size} each"
+        )
+    classes = np.unique(labels)
+    by_class = [np.flatnonzero(labels == c) for c in classes]
+    cap = n / num_clients
+    for _ in range(MAX_DIRICHLET_TRIES):
+        parts: list[list[int]] = [[] for _ in range(num_clients)]
+        for members in by_class:
+            members = members.copy()
+            rng.shuffle(members)
+            props = rng.dirichlet(np.full(num_clients, alpha))
+            props = np.array([p * (len(part) < cap) for p, part in zip(props, parts)])
+            total = props.sum()
+            props = props / total if total > 0 else np.full(num_clients, 1.0 / num_clients)
+            cuts = (np.cumsum(props) * len(members)).astype(int)[:-1]
+            for part, chunk in zip(parts, np.split(members, cuts)):
+                part.extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            for part in parts:
+                rng.shuffle(part)
+            return [[int(i) for i in part] for part in parts]
+    raise PartitionError(
+        f"data set too small for a Dirichlet(alpha={alpha}) split: no draw in {MAX_DIRICHLET_TRIES} gave all "
+        f"{num_clients} clients {min_size} of the {n} samples; use fewer clients (e.g. --set num_clients="
+        f"{max(1, n // (4 * min_size))}) or a larger alpha"
+    )
+
+
+def check_partition(parts: Sequence[Sequence[int]], num_samples: int, source: str = "partition") -> Partition:
+    """Indices must be integers in range, each used at most once, and no client empty."""
+    seen = np.zeros(num_samples, dtype=bool)
+    clean: Partition = []
+    for client, part in enumerate(parts):
+        if not isinstance(part, (list, tuple)) or not part:
+            raise PartitionError(f"{source}: client {client} has no samples")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in part):
+            raise PartitionError(f"{source}: client {client} has an index that is not an integer")
+        arr = np.asarray(part, dtype=np.int64)
+        bad = arr[(arr < 0) | (arr >= num_samples)]
+        if bad.size:
+            raise PartitionError(
+                f"{source}: client {client} has index {int(bad[0])} out of range for {num_samples} training samples"
+            )
+        if np.unique(arr).size != arr.size or seen[arr].any():
+            dup = next(int(i) for i in arr if seen[i] or (arr == i).sum() > 1)
+            raise PartitionError(f"{source}: index {dup} appears more than once (client {client})")
+        seen[arr] = True
+        clean.append(arr.tolist())
+    return clean
+
+
+def to_json(parts: Partition, *, dataset: str, kind: str, alpha: float | None) -> dict[str, Any]:
+    """The authors' partition file format."""
+    return {
+        "dataset": dataset,
+        "num_users": len(parts),
+        "iid": kind == "iid",
+        "noniid_case": 0 if kind == "iid" else {"dirichlet": 5, "natural": 0}.get(kind, 0),
+        "data_beta": alpha if kind == "dirichlet" else None,
+        "partition": kind,
+        "train_data": {str(i): list(p) for i, p in enumerate(parts)},
+    }
+
+
+def save_partition(path: str | Path, parts: Partition, *, dataset: str, kind: str, alpha: float | None) -> None:
+    Path(path).write_text(json.dumps(to_json(parts, dataset=dataset, kind=kind, alpha=alpha)))
+
+
+def load_partition(path: str | Path, num_samples: int, num_clients: int | None = None) -> Partition:
+    """Read and check a partition file (ours or the authors'); never evaluated, only parsed."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PartitionError(f"partition file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PartitionError(f"partition file {path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise PartitionError(f"cannot read partition file {path}: {exc.strerror}") from None
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("train_data"), Mapping):
+        raise PartitionError(f"partition file {path} has no 'train_data' mapping of client -> indices")
+    data = doc["train_data"]
+    try:
+        ids = sorted(int(k) for k in data)
+    except (TypeError, ValueError):
+        raise PartitionError(f"partition file {path}: client ids must be integers") from None
+    if ids != list(range(len(ids))):
+        raise PartitionError(f"partition file {path}: client ids must be 0..{len(ids) - 1}")
+    declared = doc.get("num_users", len(ids))
+    if declared != len(ids):
+        raise PartitionError(f"partition file {path}: num_users is {declared} but train_data has {len(ids)} clients")
+    if num_clients is not None and len(ids) != num_clients:
+        raise PartitionError(f"partition file {path} has {len(ids)} clients but num_clients is {num_clients}")
+    return check_partition([data[str(i)] if str(i) in data else data[i] for i in ids], num_samples, f"partition file {path}")
+
+
+def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None) -> Partition:
+    """The partition a config asks for, drawn from the run's seed."""
+    from .seeding import numpy_rng
+
+    kind, n = cfg["partition"], cfg["num_clients"]
+    rng = numpy_rng(cfg["seed"], "partition")
+    if kind == "iid":
+        return iid_partition(len(labels), n, rng)
+    if kind == "dirichlet":
+        return dirichlet_partition(labels, n, cfg["alpha"], rng)
+    if kind == "file":
+        return load_partition(cfg["partition_file"], len(labels), n)
+    if kind == "natural":
+        if natural is None:
+            raise PartitionError(f"data set '{cfg['dataset']}' has no natural (per-writer) split")
+        if len(natural) != n:
+            raise PartitionError(f"the natural split of '{cfg['dataset']}' has {len(natural)} clients; set num_clients = {len(natural)}")
+        return check_partition(natural, len(labels), "natural split")
+    raise PartitionError(f"unknown partition '{kind}'")
+
+
+def summarize(parts: Partition, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Client sizes, classes per client and label counts: what a reader needs to judge the skew."""
+    labels = np.asarray(labels)
+    counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+    sizes = counts.sum(1)
+    classes = (counts > 0).sum(1)
+    return {
+        "num_clients": len(parts),
+        "num_samples": int(sizes.sum()),
+        "size_min": int(sizes.min()),
+        "size_mean": float(sizes.mean()),
+        "size_max": int(sizes.max()),
+        "classes_per_client_min": int(classes.min()),
+        "classes_per_client_mean": float(classes.mean()),
+        "classes_per_client_max": int(classes.max()),
+        "sizes": sizes.tolist(),
+        "classes_per_client": classes.tolist(),
+        "label_counts": counts.tolist(),
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    return (
+        f"partition: {summary['num_clients']} clients, {summary['num_samples']} samples; "
+        f"size min/mean/max {summary['size_min']}/{summary['size_mean']:.1f}/{summary['size_max']}; "
+        f"classes per client min/mean/max {summary['classes_per_client_min']}/"
+        f"{summary['classes_per_client_mean']:.1f}/{summary['classes_per_client_max']}"
+    )
+

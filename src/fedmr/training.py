@@ -1,0 +1,92 @@
+"""Local SGD and evaluation on in-memory tensors: the hot loop every algorithm's client runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Hook = Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    """The local optimiser of the spec: plain SGD with momentum, fresh per client per round."""
+
+    epochs: int = 5
+    batch_size: int = 50
+    lr: float = 0.01
+    momentum: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LocalSettings":
+        return cls(cfg["local_epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"])
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Batches of one shuffled epoch; a trailing batch of one sample is dropped (BatchNorm cannot train on it)."""
+    cuts = list(range(0, n, batch_size))
+    slices = [slice(s, min(s + batch_size, n)) for s in cuts]
+    if len(slices) > 1 and slices[-1].stop - slices[-1].start == 1:
+        slices.pop()
+    return slices
+
+
+def train_sgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    settings: LocalSettings,
+    generator: torch.Generator,
+    loss_fn: LossFn = cross_entropy,
+    after_backward: Hook | None = None,
+) -> tuple[float, int]:
+    """Train ``model`` in place for ``settings.epochs`` shuffled epochs; returns (mean loss, steps)."""
+    model.train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
+    n = y.shape[0]
+    slices = batch_slices(n, settings.batch_size)
+    total = torch.zeros((), device=y.device)
+    steps = 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(n, generator=generator, device=generator.device).to(y.device)
+        for part in slices:
+            idx = order[part]
+            loss = loss_fn(model, x[idx], y[idx])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            optimiser.step()
+            total += loss.detach()
+            steps += 1
+    return float(total) / max(steps, 1), steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole set."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=y.device)
+    loss = torch.zeros((), dtype=torch.float64, device=y.device)
+    for start in range(0, y.shape[0], batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss += F.cross_entropy(logits, target, reduction="sum").double()
+        correct += (logits.argmax(1) == target).sum()
+    n = max(y.shape[0], 1)
+    return float(correct) / n, float(loss) / n
+
+
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's state in standard (contiguous) layout."""
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
