@@ -35,10 +35,20 @@ def test_a_different_seed_changes_the_run(experiment):
     assert [r["loss"] for r in run(exp).rows] != [r["loss"] for r in run(experiment).rows]
 
 
-def test_compare_runs_share_the_initial_model_and_partition(experiment):
-    fedavg, fedmr = run(experiment, "fedavg"), run(experiment, "fedmr")
-    assert fedavg.rows[0]["loss"] != fedmr.rows[0]["loss"]
-    assert experiment.initial_state is not None
+def test_compare_runs_share_the_initial_model_and_partition(tmp_path):
+    from fedmr.cli import run_comparison
+
+    cfg = load_config(None, [*TINY, "rounds=1", "eval_every=1"])
+    run_comparison(cfg, ["fedavg", "fedmr"], tmp_path, "none")
+    assert (tmp_path / "fedavg" / "partition.json").read_text() == (tmp_path / "fedmr" / "partition.json").read_text()
+    exp = prepare(cfg)
+    fedavg, fedmr = Simulation(exp, algorithm="fedavg", progress="none"), Simulation(exp, algorithm="fedmr", progress="none")
+    fedavg.algorithm.setup(exp.initial_state)
+    fedmr.algorithm.setup(exp.initial_state)
+    start_avg = fedavg.algorithm.configure_train(0, [0, 1, 2, 3])
+    start_mr = fedmr.algorithm.configure_train(0, [0, 1, 2, 3])
+    for a, b in zip(start_avg, start_mr):
+        assert all(torch.equal(a.state[k], b.state[k]) for k in a.state)
 
 
 def fake_results(algorithm, tasks, scale):
@@ -121,6 +131,6 @@ def test_federation_facts(experiment):
 def test_the_simulator_trains(experiment):
     exp = copy.copy(experiment)
     exp.cfg = load_config(None, ["num_clients=8", "clients_per_round=4", "rounds=10", "local_epochs=2",
-                                 "eval_every=10", "partition=iid", "algorithm=fedavg"])
+                                 "eval_every=10", "partition=iid", "algorithm=fedavg", "lr=0.05"])
     out = Simulation(prepare(exp.cfg), progress="none").run()
     assert out.rows[-1]["accuracy"] > 0.5  # random guessing is 0.1
