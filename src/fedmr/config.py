@@ -29,7 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "algorithm": "fedmr",
     "dataset": "digits",
     "data_dir": "data",
-    "normalization": "auto",
+    "normalization": "auto",  # "auto" (the data set's paper default), "cifar10", "cifar10-stats", "femnist", "none"
+    "cache_dir": "",  # decoded-data cache; "" = $FEDMR_CACHE, else .fedmr-cache beside the data, else ~/.cache/fedmr
     "model": "auto",
     "num_clients": 100,
     "clients_per_round": 10,
@@ -181,6 +182,10 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {cfg['alpha']}")
     if cfg["partition"] == "file" and not cfg["partition_file"]:
         raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
+    from .data.normalization import CHOICES as NORMALIZATIONS
+
+    if cfg["normalization"] not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalization '{cfg['normalization']}' (choose from {', '.join(NORMALIZATIONS)})")
     if cfg["device"] not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {cfg['device']!r}")
     for name, cls in ALGORITHMS.items():

@@ -28,6 +28,8 @@ class DataSet:
     # Writers' own split where the data have one (FEMNIST): one index list per client.
     natural_partition: list[list[int]] | None = None
     default_model: str = "cnn"
+    # Per-channel (mean, std) the loader applied to pixels in [0, 1]; None where unknown.
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
         if self.train_x.shape[0] != self.train_y.shape[0] or self.test_x.shape[0] != self.test_y.shape[0]:
@@ -50,7 +52,8 @@ class DataSet:
             return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
         return DataSet(self.name, move(self.train_x), move(self.train_y), move(self.test_x), move(self.test_y),
-                       self.num_classes, self.classes, self.natural_partition, self.default_model)
+                       self.num_classes, self.classes, self.natural_partition, self.default_model,
+                       self.normalization)
 
 
 def as_images(x: torch.Tensor) -> torch.Tensor:
@@ -79,3 +82,4 @@ def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
 
 
 from . import digits  # noqa: E402,F401  (registers the embedded data set)
+from . import cifar, femnist, imagefolder  # noqa: E402,F401  (register the real data sets)

@@ -1,0 +1,191 @@
+"""``dataset = "cifar10"`` / ``"cifar100"`` (20 coarse labels) from the official pickled releases.
+
+``data_dir`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that
+folder).  When it is absent the official archive is used from ``data_dir`` or
+downloaded, its MD5 checked, and unpacked there.  The pickles are read with an
+unpickler that builds only numpy arrays and plain containers, so a doctored
+file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from . import DataSet, normalization, register
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Release:
+    title: str
+    folder: str
+    archive: str
+    url: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: str
+    names_key: str
+    default_normalization: str
+
+
+RELEASES = {
+    "cifar10": Release(
+        "CIFAR-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
+        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
+        "labels", "label_names", "cifar10"),
+    "cifar100": Release(
+        "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
+        ("train",), ("test",), "meta", "coarse_labels", "coarse_label_names", "cifar10-stats"),
+}
+
+def _safe_globals() -> dict[tuple[str, str], Any]:
+    """The only callables a CIFAR pickle needs: numpy's array and dtype reconstruction."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    found = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table.update({(module, name): fn for name, fn in found.items()})
+    return table
+
+
+class _ArraysOnly(pickle.Unpickler):
+    SAFE = _safe_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.SAFE:
+            return self.SAFE[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_pickle(path: Path) -> dict[str, Any]:
+    """One batch file as a dict with str keys (the release is a Python 2 pickle with bytes keys)."""
+    try:
+        with path.open("rb") as fh:
+            doc = _ArraysOnly(fh, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"CIFAR file missing: {path} (the folder is incomplete; unpack the official archive again)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, OSError) as exc:
+        raise DataError(f"CIFAR file {path} is corrupt or truncated: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"CIFAR file {path} is not a batch (expected a dict, got {type(doc).__name__})")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in doc.items()}
+
+
+def read_batches(folder: Path, files: tuple[str, ...], label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 32, 32, 3) images and int64 labels of the batch files, in file order."""
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        doc = read_pickle(path)
+        data, y = doc.get("data"), doc.get(label_key)
+        if not isinstance(data, np.ndarray) or y is None:
+            raise DataError(f"CIFAR file {path} lacks 'data' or '{label_key}'")
+        y = np.asarray(y)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"CIFAR file {path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        if y.shape != (data.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"CIFAR file {path}: {data.shape[0]} images but {y.size} '{label_key}'")
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise DataError(f"CIFAR file {path}: a label is outside 0..{num_classes - 1}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(y.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(release: Release, target: Path) -> None:
+    """Fetch the official archive to ``target`` (via a temporary name)."""
+    tmp = target.with_name(target.name + ".part")
+    try:
+        with urllib.request.urlopen(release.url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as fh:
+                shutil.copyfileobj(response, fh)
+        tmp.replace(target)
+    except (urllib.error.URLError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise DataError(
+            f"{release.title} not found in {target.parent} and it cannot be downloaded ({reason}): download "
+            f"{release.url} elsewhere and put it at {target} or unpack it there as {target.parent / release.folder}/"
+        ) from None
+
+
+def locate(release: Release, data_dir: Path) -> Path:
+    """The unpacked release folder, unpacking (and first downloading) the official archive where needed."""
+    if data_dir.name == release.folder and data_dir.is_dir():
+        return data_dir
+    folder = data_dir / release.folder
+    if folder.is_dir():
+        return folder
+    archive = data_dir / release.archive
+    if not archive.is_file():
+        download(release, archive)
+    found = md5sum(archive)
+    if found != release.md5:
+        raise DataError(f"{release.title} archive {archive} fails its checksum (md5 {found}, expected {release.md5}): "
+                        f"delete it and download it again")
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(data_dir, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{release.title} archive {archive} cannot be unpacked: {exc}") from None
+    if not folder.is_dir():
+        raise DataError(f"{release.title} archive {archive} holds no {release.folder}/ folder")
+    return folder
+
+
+def load_release(cfg: Mapping[str, Any], key: str) -> DataSet:
+    release = RELEASES[key]
+    folder = locate(release, Path(cfg["data_dir"]).expanduser())
+    names = [str(n) for n in read_pickle(folder / release.meta_file).get(release.names_key, [])]
+    if not names:
+        raise DataError(f"CIFAR file {folder / release.meta_file} lacks '{release.names_key}'")
+    train_x, train_y = read_batches(folder, release.train_files, release.label_key, len(names))
+    test_x, test_y = read_batches(folder, release.test_files, release.label_key, len(names))
+    affine = normalization.resolve(cfg.get("normalization", "auto"), release.default_normalization, 3)
+    return DataSet(
+        name=key,
+        train_x=normalization.to_tensor(train_x, affine), train_y=torch.from_numpy(train_y),
+        test_x=normalization.to_tensor(test_x, affine), test_y=torch.from_numpy(test_y),
+        num_classes=len(names), classes=names, default_model="cnn", normalization=affine,
+    )
+
+
+@register("cifar10")
+def load_cifar10(cfg: Mapping[str, Any]) -> DataSet:
+    return load_release(cfg, "cifar10")
+
+
+@register("cifar100")
+def load_cifar100(cfg: Mapping[str, Any]) -> DataSet:
+    """CIFAR-100 with its 20 coarse superclass labels, as in the paper."""
+    return load_release(cfg, "cifar100")
