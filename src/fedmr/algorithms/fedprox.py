@@ -1,0 +1,45 @@
+"""FedProx (Li et al. 2020): FedAvg whose local loss adds a proximal term that keeps each client's
+weights near the global model it started from, limiting client drift on non-IID data."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..training import LocalSettings, LossFn, clone_state, cross_entropy, train_sgd
+from .base import TrainResult, TrainTask, check_range
+from .fedavg import FedAvg
+
+
+def proximal_loss(mu: float, anchor: Sequence[torch.Tensor], base: LossFn = cross_entropy) -> LossFn:
+    """``base + (mu / 2) * ||w - anchor||^2`` over the model's parameters (in ``parameters()`` order)."""
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        squared = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor))
+        return base(model, x, y) + 0.5 * mu * squared
+
+    return loss_fn
+
+
+class FedProx(FedAvg):
+    name = "fedprox"
+    description = "FedAvg with a proximal term (mu/2)||w - w_global||^2 in every local loss"
+    reference = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
+    defaults = {"mu": 0.01}
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        check_range("fedprox", options, "mu", 0.0, float("inf"))
+
+    def local_update(self, model: nn.Module, task: TrainTask, x: torch.Tensor, y: torch.Tensor,
+                     settings: LocalSettings, generator: torch.Generator) -> TrainResult:
+        model.load_state_dict(task.state)
+        anchor = [p.detach().clone() for p in model.parameters()]
+        loss, _ = train_sgd(model, x, y, settings, generator, loss_fn=proximal_loss(self.options["mu"], anchor))
+        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss)
+
+    def round_metrics(self) -> dict[str, float]:
+        return {"client_state_mb": 0.0}  # nothing is kept per client
