@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import load_config, merge, parse_value, validate
-from .errors import ConfigError, FedMRError
+from .errors import CheckpointError, ConfigError, FedMRError
 
 DEMO_SETTINGS = [
     "dataset=\"digits\"", "num_clients=20", "clients_per_round=5", "rounds=150", "eval_every=5",
@@ -38,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one experiment")
     _common(run)
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its last good checkpoint (uses DIR/config.toml; --set may extend rounds)")
+    run.add_argument("--checkpoint-every", metavar="N", type=int,
+                     help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model")
     compare.add_argument("--algorithms", required=True,
                          help="comma-separated names; a variant adds @key=value, e.g. fedmr@first_stage_rounds=50")
@@ -67,15 +74,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .engine import Simulation, prepare
     from .partition import format_summary
 
-    cfg = load_config(args.config, args.assignments)
-    out = Path(args.out or f"runs/{cfg['algorithm']}-{cfg['dataset']}-{_timestamp()}")
+    assignments = list(args.assignments)
+    if args.checkpoint_every is not None:
+        assignments.append(f"checkpoint_every={args.checkpoint_every}")
+    if args.resume:
+        if args.config or args.out:
+            raise ConfigError("--resume DIR takes its config from DIR/config.toml and writes to DIR; drop --config/--out")
+        out = Path(args.resume)
+        if not (out / "config.toml").is_file():
+            raise CheckpointError(f"no run to resume in {out} (no config.toml); start it with: fedmr run --out {shlex.quote(str(out))}")
+        cfg = load_config(out / "config.toml", assignments)
+    else:
+        cfg = load_config(args.config, assignments)
+        out = Path(args.out or f"runs/{cfg['algorithm']}-{cfg['dataset']}-{_timestamp()}")
     exp = prepare(cfg)
     print(format_summary(exp.partition_summary), file=sys.stderr)
-    outcome = Simulation(exp, out_dir=out, progress=_progress(args)).run()
+    simulation = Simulation(exp, out_dir=out, progress=_progress(args), resume=bool(args.resume))
+    with _stop_on_signals(simulation):
+        outcome = simulation.run()
+    if outcome.stopped_after is not None:
+        print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg['rounds']}; checkpoint saved in "
+              f"{out / 'checkpoints'}\nresume with: fedmr run --resume {shlex.quote(str(out))}", file=sys.stderr)
+        return 128 + int(simulation.stop_requested)
     s = outcome.summary
     print(f"{cfg['algorithm']}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
           f"(round {s['best_round']}), {s['wall_seconds']:.1f}s -> {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(simulation: Any):
+    """First SIGINT/SIGTERM: finish the round, write a checkpoint, stop. A second one aborts at once."""
+    def handler(signum: int, frame: Any) -> None:
+        if simulation.stop_requested:
+            raise KeyboardInterrupt
+        simulation.stop_requested = signum
+        print(f"\nfedmr: {signal.Signals(signum).name}: finishing this round and writing a checkpoint "
+              "(send it again to abort without one)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progress: str) -> dict[str, dict[str, Any]]:

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "cpu",
     "workers": 1,
     "max_update_norm": 0.0,
+    "dropout_rate": 0.0,  # fraction of the selected clients that fail each round (seeded)
+    "checkpoint_every": 0,  # rounds between checkpoints; 0 = at every evaluation
 }
 
 PARTITIONS = ("iid", "dirichlet", "file", "natural")
@@ -172,6 +174,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"clients_per_round ({cfg['clients_per_round']}) cannot exceed num_clients ({cfg['num_clients']})"
         )
+    if not 0 <= cfg["dropout_rate"] < 1:
+        raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {cfg['dropout_rate']}")
+    if cfg["max_update_norm"] < 0:
+        raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {cfg['max_update_norm']}")
+    if cfg["checkpoint_every"] < 0:
+        raise ConfigError(f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {cfg['checkpoint_every']}")
     if cfg["lr"] <= 0:
         raise ConfigError(f"config key 'lr' must be positive, got {cfg['lr']}")
     if not 0 <= cfg["momentum"] < 1:

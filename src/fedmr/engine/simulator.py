@@ -7,6 +7,7 @@ algorithm object is the same one the Flower apps drive.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -21,13 +22,14 @@ from tqdm import tqdm
 from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
 from ..algorithms.base import Algorithm
 from ..data import DataSet, load_dataset
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..maths import State
 from ..models import build_model
 from ..partition import Partition, make_partition, summarize, format_summary, to_json
 from ..results import RunWriter, summarize_metrics
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state, evaluate
+from .checkpoint import fingerprint, latest_checkpoint, save_checkpoint, save_tensors
 from .runner import ClientData, SequentialRunner
 from .validation import update_problem
 
@@ -94,13 +96,23 @@ class RunOutcome:
     final_state: State
     out_dir: Path | None = None
     algorithm: Algorithm | None = field(default=None, repr=False)
+    stopped_after: int | None = None  # set when a signal stopped the run after this many rounds
+
+
+def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) -> set[int]:
+    """The selected clients that fail this round: round(rate * K) of them, drawn from their own stream."""
+    count = min(len(clients), math.floor(rate * len(clients) + 0.5))
+    if count == 0:
+        return set()
+    picks = numpy_rng(seed, "dropout-select", round_idx).choice(len(clients), count, replace=False)
+    return {clients[int(i)] for i in picks}
 
 
 class Simulation:
     """Runs one algorithm on a prepared experiment, writing results as it goes."""
 
     def __init__(self, experiment: Experiment, *, algorithm: str | None = None, out_dir: str | Path | None = None,
-                 progress: str = "bar", label: str | None = None):
+                 progress: str = "bar", label: str | None = None, resume: bool = False):
         self.exp = experiment
         self.cfg = dict(experiment.cfg)
         if algorithm is not None:
@@ -110,7 +122,9 @@ class Simulation:
         self.model = experiment.new_model()
         self.client_data = ClientData(experiment.data.train_x, experiment.data.train_y, experiment.partition)
         self.runner = SequentialRunner(self.algorithm, self.model, self.client_data, self.settings, self.cfg["seed"])
-        self.writer = RunWriter(out_dir) if out_dir is not None else None
+        self.writer = RunWriter(out_dir, resume=resume) if out_dir is not None else None
+        self.resume = resume
+        self.stop_requested = 0  # a signal number: finish the round, checkpoint, stop (set by the CLI)
         self.progress = progress
         self.label = label or self.cfg["algorithm"]
         self.rows: list[dict[str, Any]] = []
@@ -119,6 +133,7 @@ class Simulation:
     def _validated(self, results: Iterable[TrainResult], tasks: list[TrainTask], counts: dict[str, Any]) -> Iterator[TrainResult]:
         limit = float(self.cfg.get("max_update_norm", 0.0))
         for result in results:
+            counts["delivered"] += 1
             problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
             if problem is not None:
                 log.warning("round %d: rejected the update of client %d: %s", counts["round"], result.client_id, problem)
@@ -131,11 +146,14 @@ class Simulation:
         seed = self.cfg["seed"]
         clients = self.algorithm.select_clients(round_idx, numpy_rng(seed, "select", round_idx))
         tasks = self.algorithm.configure_train(round_idx, clients)
-        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "losses": []}
-        results = self._validated(self.runner.run(round_idx, tasks), tasks, counts)
+        lost = dropped_clients(seed, round_idx, clients, self.cfg.get("dropout_rate", 0.0))
+        live = [task for task in tasks if task.client_id not in lost]
+        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "delivered": 0, "losses": []}
+        results = self._validated(self.runner.run(round_idx, live), tasks, counts)
         used = self.algorithm.aggregate_train(round_idx, results, torch_generator(seed, "server", round_idx))
         losses = counts["losses"]
-        return {"clients": used, "rejected": counts["rejected"],
+        # dropped: selected but nothing came back (dropout_rate, or a straggler past client_timeout)
+        return {"clients": used, "rejected": counts["rejected"], "dropped": len(tasks) - counts["delivered"],
                 "train_loss": sum(losses) / len(losses) if losses else float("nan")}
 
     def evaluate(self) -> tuple[float, float]:
@@ -152,17 +170,42 @@ class Simulation:
                       alpha=self.cfg["alpha"] if kind == "dirichlet" else None)
         self.writer.write_partition(doc, self.exp.partition_summary)
 
+    def _restore(self) -> tuple[int, float]:
+        """When resuming, load the newest usable checkpoint: (rounds already done, seconds they took)."""
+        self.fingerprint = (fingerprint(self.cfg, self.exp.partition, self.exp.initial_state)
+                            if self.writer is not None else None)
+        if not self.resume or self.writer is None:
+            return 0, 0.0
+        ckpt = latest_checkpoint(self.writer.dir, self.fingerprint, self.exp.device)
+        if ckpt is None:
+            log.warning("no checkpoint in %s yet: starting from round 1", self.writer.dir)
+            return 0, 0.0
+        if ckpt.rounds_done > self.cfg["rounds"]:
+            raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
+                                  f"{self.cfg['rounds']}; resume with --set rounds={ckpt.rounds_done} or more")
+        self.algorithm.load_server_state(ckpt.server_state)
+        ckpt.restore_generators()
+        self.rows = ckpt.rows
+        log.info("resuming %s after round %d from %s", self.writer.dir, ckpt.rounds_done, ckpt.path.name)
+        return ckpt.rounds_done, ckpt.elapsed_s
+
+    def _checkpoint(self, rounds_done: int, elapsed_s: float) -> None:
+        assert self.writer is not None and self.fingerprint is not None
+        save_checkpoint(self.writer.dir, rounds_done, self.algorithm.server_state(), self.rows, elapsed_s, self.fingerprint)
+
     def run(self) -> RunOutcome:
         cfg = self.cfg
         rounds, every = cfg["rounds"], cfg["eval_every"]
+        checkpoint_every = cfg.get("checkpoint_every") or every
         self._write_header()
         self.algorithm.setup(self.exp.initial_state)
-        bar = tqdm(total=rounds, desc=self.label, disable=self.progress != "bar", dynamic_ncols=True,
+        first, elapsed_before = self._restore()
+        bar = tqdm(total=rounds, initial=first, desc=self.label, disable=self.progress != "bar", dynamic_ncols=True,
                    file=sys.stderr, unit="round")
-        start = time.perf_counter()
-        round_stats: dict[str, Any] = {}
+        start = time.perf_counter() - elapsed_before
+        stopped_after = None
         try:
-            for r in range(rounds):
+            for r in range(first, rounds):
                 t0 = time.perf_counter()
                 round_stats = self.run_round(r)
                 if (r + 1) % every == 0 or r == rounds - 1:
@@ -177,14 +220,23 @@ class Simulation:
                     if self.progress == "log":
                         print(f"[{self.label}] round {r + 1}/{rounds} accuracy {acc:.4f} loss {loss:.4f} "
                               f"elapsed {row['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+                if self.writer is not None and ((r + 1) % checkpoint_every == 0 or r == rounds - 1 or self.stop_requested):
+                    self._checkpoint(r + 1, time.perf_counter() - start)
                 bar.update(1)
+                if self.stop_requested:
+                    stopped_after = r + 1
+                    break
         finally:
             bar.close()
             self.runner.close()
+        if stopped_after is not None:
+            return RunOutcome(self.rows, {}, self.algorithm.global_state(), self.writer.dir if self.writer else None,
+                              self.algorithm, stopped_after=stopped_after)
         wall = time.perf_counter() - start
         summary = {"algorithm": cfg["algorithm"], "dataset": cfg["dataset"], "model": self.exp.model_name,
                    **summarize_metrics(self.rows, wall, rounds)}
         if self.writer is not None:
+            save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
             self.writer.write_summary(summary)
         return RunOutcome(self.rows, summary, self.algorithm.global_state(),
                           self.writer.dir if self.writer else None, self.algorithm)
