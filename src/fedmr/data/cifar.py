@@ -9,6 +9,7 @@ file cannot run code.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import pickle
 import shutil
@@ -63,7 +64,8 @@ def _safe_globals() -> dict[tuple[str, str], Any]:
     except ImportError:  # numpy 1.x
         from numpy.core import multiarray
     found = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
-    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    table: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                         ("_codecs", "encode"): codecs.encode}  # bytes in protocol-2 pickles
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         table.update({(module, name): fn for name, fn in found.items()})
     return table
@@ -166,7 +168,8 @@ def locate(release: Release, data_dir: Path) -> Path:
 def load_release(cfg: Mapping[str, Any], key: str) -> DataSet:
     release = RELEASES[key]
     folder = locate(release, Path(cfg["data_dir"]).expanduser())
-    names = [str(n) for n in read_pickle(folder / release.meta_file).get(release.names_key, [])]
+    names = [n.decode("latin1") if isinstance(n, bytes) else str(n)
+             for n in read_pickle(folder / release.meta_file).get(release.names_key, [])]
     if not names:
         raise DataError(f"CIFAR file {folder / release.meta_file} lacks '{release.names_key}'")
     train_x, train_y = read_batches(folder, release.train_files, release.label_key, len(names))
