@@ -51,7 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(compare)
     demo = sub.add_parser("demo", help="compare FedAvg and FedMR on the embedded digits data (about a minute)")
     _common(demo)
+    _add_data_commands(sub)
     return parser
+
+
+def _add_data_commands(sub: Any) -> None:
+    data = sub.add_parser("data", help="inspect a data set")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    info = data_sub.add_parser("info", help="sizes, classes and per-channel pixel mean/std of a data set")
+    info.add_argument("dataset", metavar="DATASET", help="digits, cifar10, cifar100, femnist or imagefolder")
+    info.add_argument("--data-dir", metavar="DIR", help="where the data set lies (the config key data_dir)")
+    info.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
+                      help="another config key, e.g. --set normalization=\"none\"")
+    part = sub.add_parser("partition", help="write the client partition `fedmr run` would use, without training")
+    part.add_argument("--config", metavar="FILE.toml", help="TOML config file (defaults are the paper's)")
+    part.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
+                      help="override one config key, e.g. --set num_clients=100")
+    part.add_argument("--out", metavar="FILE.json", required=True, help="partition file (the authors' JSON format)")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -176,7 +192,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_compare(args, DEMO_SETTINGS)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``fedmr data info``: load the data set as a run would and describe it."""
+    from .data import load_dataset
+    from .data.normalization import channels, describe, raw_channel_stats
+
+    cfg = load_config(None, args.assignments)
+    cfg["dataset"] = args.dataset
+    if args.data_dir is not None:
+        cfg["data_dir"] = args.data_dir
+    cfg = validate(cfg)
+    start = time.perf_counter()
+    data = load_dataset(cfg)
+    seconds = time.perf_counter() - start
+    names = ", ".join(data.classes[:20]) + (", ..." if len(data.classes) > 20 else "")
+    where = "" if cfg["dataset"] == "digits" else f" from {cfg['data_dir']}"
+    print(f"{data.name}{where} (loaded in {seconds:.1f} s)")
+    print(f"train: {len(data.train_y)} images, test: {len(data.test_y)} images, "
+          f"{data.in_channels}x{data.image_size}x{data.image_size}")
+    print(f"classes: {data.num_classes} ({names})")
+    if data.normalization is not None:
+        mean, std = raw_channel_stats(data.train_x, data.normalization)
+        print(f"train pixel mean per channel (0..1): {channels(mean)}")
+        print(f"train pixel std per channel (0..1):  {channels(std)}")
+        print(f"normalization: {cfg['normalization']} ({describe(data.normalization)})")
+    mean, std = raw_channel_stats(data.train_x, None)
+    print(f"normalised train mean per channel: {channels(mean)}; std: {channels(std)}")
+    if data.natural_partition is not None:
+        print(f"natural split: {len(data.natural_partition)} writers (partition = \"natural\", "
+              f"num_clients = {len(data.natural_partition)})")
+    print(f"default model: {data.default_model}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Draw exactly the partition ``fedmr run`` draws for this config and save it, with its summary."""
+    from .data import load_dataset
+    from .partition import format_summary, make_partition, summarize, to_json
+    from .results import atomic_write_text
+
+    cfg = load_config(args.config, args.assignments)
+    data = load_dataset(cfg)
+    labels = data.train_y.numpy()
+    parts = make_partition(cfg, labels, data.natural_partition)
+    summary = summarize(parts, labels, data.num_classes)
+    kind = cfg["partition"]
+    doc = to_json(parts, dataset=cfg["dataset"], kind=kind, alpha=cfg["alpha"] if kind == "dirichlet" else None)
+    doc["seed"] = cfg["seed"]
+    doc["summary"] = summary
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(doc))
+    print(format_summary(summary))
+    print(f"wrote {out} (use it with --set partition=\"file\" --set partition_file=\"{out}\")")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo}
+COMMANDS.update(data=cmd_data, partition=cmd_partition)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
