@@ -1,0 +1,96 @@
+"""The Flower ServerApp: the fedmr algorithm behind an ``AlgorithmStrategy``, the global model
+evaluated on the server every ``eval_every`` rounds, results in the folder layout of ``fedmr run``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from ..algorithms import Algorithm, build_algorithm
+from ..engine.simulator import Experiment, prepare
+from ..errors import ConfigError
+from ..partition import to_json
+from ..results import RunWriter, summarize_metrics
+from ..training import evaluate
+from .strategy import AlgorithmStrategy
+from .task import FlowerRunConfig, split_run_config
+
+log = logging.getLogger("fedmr.flower")
+
+app = ServerApp()
+
+
+def results_dir(run: FlowerRunConfig) -> Path:
+    cfg = run.cfg
+    return Path(run.flower["out"] or f"runs/flower-{cfg['algorithm']}-{cfg['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class CentralEvaluation:
+    """The strategy's ``evaluate_fn``: the algorithm's global model (FedMR: the pool mean) on the
+    test set every ``eval_every`` rounds and after the last, one metrics row each, written as it goes."""
+
+    def __init__(self, exp: Experiment, algorithm: Algorithm, strategy: AlgorithmStrategy, writer: RunWriter):
+        self.exp, self.algorithm, self.strategy, self.writer = exp, algorithm, strategy, writer
+        self.model = exp.new_model()
+        self.rounds, self.every = exp.cfg["rounds"], exp.cfg["eval_every"]
+        self.rows: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 or (server_round % self.every and server_round != self.rounds):
+            return None
+        self.model.load_state_dict(self.algorithm.global_state())
+        acc, loss = evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.exp.cfg["test_batch_size"])
+        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss, **self.strategy.last_round,
+                               "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
+                               "elapsed_s": time.perf_counter() - self.start}
+        self.rows.append(row)
+        self.writer.write_metrics(self.rows)
+        log.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+
+def write_header(writer: RunWriter, exp: Experiment) -> None:
+    """config.toml and partition.json, as ``fedmr run`` writes them."""
+    cfg = exp.cfg
+    writer.write_config(cfg)
+    doc = to_json(exp.partition, dataset=cfg["dataset"], kind=cfg["partition"],
+                  alpha=cfg["alpha"] if cfg["partition"] == "dirichlet" else None)
+    writer.write_partition(doc, exp.partition_summary)
+
+
+def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
+    """Prepare the experiment exactly as ``fedmr run`` does, then let Flower drive the rounds."""
+    run = split_run_config(run_config)
+    if run.cfg.get("dropout_rate", 0.0) > 0:
+        raise ConfigError("dropout_rate is the simulator's stand-in for failing clients; on Flower keep it 0 "
+                          "(real SuperNodes fail by themselves, and flower.faults injects failures)")
+    exp = prepare(run.cfg)
+    out = results_dir(run)
+    writer = RunWriter(out)
+    write_header(writer, exp)
+    algorithm = build_algorithm(run.cfg, exp.federation)
+    algorithm.setup(exp.initial_state)
+    strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
+                                 max_update_norm=float(run.cfg["max_update_norm"]),
+                                 node_wait=float(run.flower["node_wait"]),
+                                 message_log=out / "messages.jsonl" if run.flower["log_messages"] else None)
+    evaluation = CentralEvaluation(exp, algorithm, strategy, writer)
+    strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in exp.initial_state.items()}),
+                   num_rounds=run.cfg["rounds"], timeout=float(run.flower["round_timeout"]),
+                   evaluate_fn=evaluation)
+    wall = time.perf_counter() - evaluation.start
+    writer.write_summary({"algorithm": run.cfg["algorithm"], "dataset": run.cfg["dataset"], "model": exp.model_name,
+                          "engine": "flower", **summarize_metrics(evaluation.rows, wall, run.cfg["rounds"])})
+    log.info("results in %s", out)
+    return out
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))

@@ -1,0 +1,159 @@
+"""A Flower strategy that delegates every decision to a fedmr ``Algorithm``.
+
+The algorithm picks the clients, builds one task per client (FedMR: a
+different model from its pool per slot) and folds the replies back in; the
+strategy only routes tasks to the SuperNodes that host those clients and
+turns replies into ``TrainResult``s.  It uses the simulator's random streams
+(select/round, server/round), so a seed gives the same run on either engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from ..algorithms.base import Algorithm, TrainResult, TrainTask
+from ..engine.validation import update_problem
+from ..errors import ConfigError
+from ..maths import State
+from ..seeding import numpy_rng, torch_generator
+from .task import decode_result, encode_task
+
+log = logging.getLogger("fedmr.flower")
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a state's tensors in key order: equal digests, equal models."""
+    h = hashlib.sha256()
+    for key, value in state.items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class AlgorithmStrategy(Strategy):
+    """Flower round n (1-based) is the algorithm's round n - 1."""
+
+    def __init__(self, algorithm: Algorithm, *, seed: int, reference: State, max_update_norm: float = 0.0,
+                 node_wait: float = 120.0, message_log: Path | None = None):
+        self.algorithm = algorithm
+        self.seed = seed
+        self.reference = reference  # keys, shapes and dtypes every reply must match
+        self.max_update_norm = max_update_norm
+        self.node_wait = node_wait
+        self.message_log = message_log  # one JSON line per train message: round, node, client, slot, digest
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.tasks: list[TrainTask] = []
+        self.sent: list[Message] = []  # the last round's train messages (tests inspect them)
+        self.last_round: dict[str, Any] = {}
+
+    # ---- routing ------------------------------------------------------------------------
+    def discover(self, grid: Grid) -> None:
+        """Ask every connected node for its partition until each client has a host."""
+        num_clients = self.algorithm.federation.num_clients
+        deadline = time.monotonic() + self.node_wait
+        asked: set[int] = set()
+        while True:
+            new = [n for n in grid.get_node_ids() if n not in asked]
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+            for reply in grid.send_and_receive(queries, timeout=self.node_wait) if queries else ():
+                asked.add(reply.metadata.src_node_id)
+                if reply.has_error():
+                    log.warning("node %d did not answer the partition query: %s", reply.metadata.src_node_id,
+                                reply.error.reason)
+                    continue
+                info = reply.content.config_records["partition"]
+                pid, parts = int(info["partition-id"]), int(info["num-partitions"])
+                for client in range(pid, num_clients, parts):
+                    self.node_of.setdefault(client, reply.metadata.src_node_id)
+            missing = [c for c in range(num_clients) if c not in self.node_of]
+            if not missing:
+                log.info("%d nodes host the %d clients", len(set(self.node_of.values())), num_clients)
+                return
+            if time.monotonic() > deadline:
+                raise ConfigError(f"no SuperNode hosts client {missing[0]} after {self.node_wait:.0f}s "
+                                  f"({len(missing)} of {num_clients} clients unhosted; check partition-id/num-partitions)")
+            time.sleep(0.5)
+
+    # ---- training -----------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        if not self.node_of:
+            self.discover(grid)
+        round_idx = server_round - 1
+        clients = self.algorithm.select_clients(round_idx, numpy_rng(self.seed, "select", round_idx))
+        self.tasks = self.algorithm.configure_train(round_idx, clients)
+        self.sent = [Message(encode_task(task, round_idx), dst_node_id=self.node_of[task.client_id],
+                             message_type=MessageType.TRAIN) for task in self.tasks]
+        if self.message_log is not None:
+            with self.message_log.open("a") as fh:
+                for task, msg in zip(self.tasks, self.sent):
+                    fh.write(json.dumps({"round": server_round, "node": msg.metadata.dst_node_id, "client": task.client_id,
+                                         "slot": task.slot, "sha256": state_digest(task.state)}) + "\n")
+        return self.sent
+
+    def accepted(self, round_idx: int, replies: Iterable[Message]) -> tuple[list[TrainResult], int, int]:
+        """The sound results of a round in slot order (as the simulator folds them), how many
+        replies were refused (failed, malformed or rejected by ``update_problem``) and how many never came."""
+        by_slot: dict[int, TrainResult] = {}
+        refused = 0
+        for reply in replies:
+            problem, result = self._check(reply)
+            if problem is None and result.slot in by_slot:
+                problem = f"a second result for slot {result.slot}"
+            if problem is not None:
+                refused += 1
+                log.warning("round %d: rejected a reply from node %s: %s", round_idx + 1,
+                            reply.metadata.src_node_id, problem)
+                continue
+            by_slot[result.slot] = result
+        missing = len(self.tasks) - len(by_slot) - refused
+        if missing > 0:
+            log.warning("round %d: %d of %d clients did not reply in time; their slots keep their models",
+                        round_idx + 1, missing, len(self.tasks))
+        return [by_slot[s] for s in sorted(by_slot)], refused, max(missing, 0)
+
+    def _check(self, reply: Message) -> tuple[str | None, TrainResult | None]:
+        if reply.has_error():
+            return f"the client failed: {reply.error.reason}", None
+        try:
+            result = decode_result(reply.content)
+        except (KeyError, TypeError, ValueError) as exc:
+            return f"malformed reply ({type(exc).__name__}: {exc})", None
+        if not 0 <= result.slot < len(self.tasks) or self.tasks[result.slot].client_id != result.client_id:
+            return f"client {result.client_id} / slot {result.slot} was not asked this round", None
+        return update_problem(result, self.reference, self.max_update_norm, self.tasks[result.slot].state), result
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_idx = server_round - 1
+        results, refused, missing = self.accepted(round_idx, replies)
+        losses = [r.train_loss for r in results]
+        used = self.algorithm.aggregate_train(round_idx, iter(results), torch_generator(self.seed, "server", round_idx))
+        self.last_round = {"clients": used, "rejected": refused, "dropped": missing,
+                           "train_loss": sum(losses) / len(losses) if losses else float("nan")}
+        metrics = MetricRecord({"clients": used, "rejected": refused})
+        if losses:
+            metrics["train_loss"] = self.last_round["train_loss"]
+        return ArrayRecord({k: v.detach().cpu() for k, v in self.algorithm.global_state().items()}), metrics
+
+    # ---- federated evaluation is not used: the server evaluates the global model itself --
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        fed = self.algorithm.federation
+        log.info("fedmr algorithm '%s': %d clients, %d per round, seed %d", self.algorithm.name, fed.num_clients,
+                 fed.clients_per_round, self.seed)

@@ -1,0 +1,106 @@
+"""`flwr run` on Flower's simulation engine (Ray), 4 SuperNodes hosting 8 clients: FedMR sends
+each selected client a different model and matches the in-process simulator; FedAvg sends one
+model to all and survives a crashing and a NaN-returning client.  Nothing listens outside loopback."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedmr[flower]')")
+
+from test_flower_helpers import (  # noqa: E402
+    FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
+)
+
+from fedmr.config import load_config  # noqa: E402
+from fedmr.engine import run_experiment  # noqa: E402
+
+SMALL = {"num_clients": 8, "clients_per_round": 4, "rounds": 3, "local_epochs": 1, "eval_every": 1, "seed": 3}
+
+
+def run_config(out, **extra) -> str:
+    items = {**SMALL, **extra}
+    parts = [f"{k}={json.dumps(v)}" for k, v in items.items()]
+    return " ".join(parts + [f'flower.out="{out}"', "flower.log_messages=true"])
+
+
+def metrics(out) -> list[dict[str, str]]:
+    with (out / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def sent(out) -> dict[int, list[dict]]:
+    rounds: dict[int, list[dict]] = {}
+    for line in (out / "messages.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        rounds.setdefault(item["round"], []).append(item)
+    return rounds
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    """One SuperLink in simulation mode on 127.0.0.1; every process it starts is stopped after."""
+    work = tmp_path_factory.mktemp("flower-sim")
+    env = flower_env(work / "flwr-home")
+    port = free_port()
+    write_connection(work / "flwr-home", "sim", port)
+    procs = FlowerProcesses(work, env)
+    try:
+        procs.start("superlink", "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
+                    "--port", str(port), "--disable-runtime-dependency-installation")
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink"), 60, "the SuperLink")
+        yield work, env, procs
+    finally:
+        procs.stop()
+        assert not procs.alive(), f"processes left running: {procs.alive()}"
+
+
+def flower_sim(simulation, name: str, **extra):
+    work, env, _ = simulation
+    out = work / name
+    flwr_run(env, "sim", run_config(out, **extra),
+             federation_config="num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=2")
+    assert (out / "summary.json").exists(), "the ServerApp did not finish"
+    return out
+
+
+def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, tmp_path):
+    out = flower_sim(simulation, "fedmr", algorithm="fedmr")
+    for name in ("config.toml", "partition.json", "partition_summary.json", "metrics.csv", "summary.json"):
+        assert (out / name).exists(), name
+    round2 = sent(out)[2]
+    assert len(round2) == 4 and len({m["sha256"] for m in round2}) == 4, "FedMR must send 4 different models"
+    assert len({m["client"] for m in round2}) == 4
+
+    cfg = load_config(assignments=[f"{k}={json.dumps(v)}" for k, v in {**SMALL, "algorithm": "fedmr"}.items()])
+    reference = run_experiment(cfg, out_dir=tmp_path / "sim", progress="none")
+    flower_rows = metrics(out)
+    assert [int(r["round"]) for r in flower_rows] == [1, 2, 3]
+    for ours, theirs in zip(flower_rows, reference.rows):
+        assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
+        assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
+        assert int(ours["clients"]) == theirs["clients"] == 4
+    assert (out / "partition.json").read_text() == (tmp_path / "sim" / "partition.json").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "flower" and summary["final_accuracy"] == pytest.approx(reference.summary["final_accuracy"])
+
+
+def test_fedavg_sends_one_model_and_survives_failing_clients(simulation):
+    out = flower_sim(simulation, "fedavg", algorithm="fedavg", **{"flower.faults": "2:0:crash,3:1:nan"})
+    round2 = sent(out)[2]
+    assert len(round2) == 4 and len({m["sha256"] for m in round2}) == 1, "FedAvg must send one model to all"
+    rows = metrics(out)
+    assert [int(r["round"]) for r in rows] == [1, 2, 3], "a failing client must not stop the run"
+    assert (rows[0]["clients"], rows[0]["rejected"]) == ("4", "0")
+    assert (rows[1]["clients"], rows[1]["rejected"]) == ("3", "1")  # the crash
+    assert (rows[2]["clients"], rows[2]["rejected"]) == ("3", "1")  # the NaN model
+    assert float(rows[2]["accuracy"]) > 0  # the average stayed finite
+
+
+def test_nothing_listened_outside_loopback(simulation):
+    _, _, procs = simulation
+    assert procs.listening, "the watcher saw no listening socket at all"
+    assert procs.outside_loopback() == []
