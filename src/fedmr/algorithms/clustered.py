@@ -145,17 +145,20 @@ class ClusteredSampling(FedAvg):
         sizes = np.asarray(self.federation.client_sizes, dtype=np.float64)
         self.weights = sizes / sizes.sum()
         self.distributions: np.ndarray | None = None  # the latest round's, for inspection
+        self._clusters: np.ndarray | None = None  # recomputed only when an update changed
 
     def select_clients(self, round_idx: int, rng: np.random.Generator) -> list[int]:
         n, m = self.federation.num_clients, self.federation.clients_per_round
-        distances = update_distances([self.updates.get(i) for i in range(n)], self.options["distance"])
-        clusters = weight_clusters(distances, self.weights, m)
-        self.distributions = sampling_distributions(clusters, self.weights, m, rng)
+        if self._clusters is None:
+            distances = update_distances([self.updates.get(i) for i in range(n)], self.options["distance"])
+            self._clusters = weight_clusters(distances, self.weights, m)
+        self.distributions = sampling_distributions(self._clusters, self.weights, m, rng)
         return [int(rng.choice(n, p=row)) for row in self.distributions]
 
     def aggregate_train(self, round_idx: int, results: Iterable[TrainResult], rng: torch.Generator) -> int:
         start = self.global_model
         uniform = self.options["weighting"] == "uniform"
+        self._clusters = None
 
         def record(stream: Iterable[TrainResult]) -> Iterator[TrainResult]:
             for result in stream:
@@ -176,3 +179,4 @@ class ClusteredSampling(FedAvg):
     def load_server_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
         super().load_server_state(tensors)
         self.updates = ClientStore.from_tensors("update.", tensors)
+        self._clusters = None

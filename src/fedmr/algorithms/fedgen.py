@@ -86,8 +86,8 @@ def label_weights(counts: np.ndarray) -> np.ndarray:
 
 
 def decayed(value: float, decay: float, round_idx: int) -> float:
-    """The official schedule of the regulariser weights: value * decay^round, at least 1e-4."""
-    return max(1e-4, value * decay**round_idx)
+    """The official schedule of the regulariser weights: value * decay^round, at least 1e-4 (0 stays off)."""
+    return max(1e-4, value * decay**round_idx) if value > 0 else 0.0
 
 
 def fedgen_loss(generator: Generator, mu_teacher: float, mu_latent: float, gen_batch_size: int, batch_size: int,
