@@ -121,9 +121,16 @@ def test_cache_location(tmp_path, monkeypatch, decodes):
     monkeypatch.setenv("FEDMR_CACHE", str(tmp_path / "envcache"))
     assert cache.cache_root(root, {"cache_dir": ""}) == tmp_path / "envcache"
     monkeypatch.delenv("FEDMR_CACHE")
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only data folder
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert cache.cache_root(root, {}) == tmp_path / "home" / ".cache" / "fedmr"
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    (readonly / "data.tar.gz").write_bytes(b"")
+    readonly.chmod(0o555)  # read-only (root could still write: the mode decides)
+    try:
+        assert cache.cache_root(readonly / "data.tar.gz", {}) == tmp_path / "home" / ".cache" / "fedmr"
+    finally:
+        readonly.chmod(0o755)
+    assert cache.cache_root(root / "x.tar.gz", {}) == root / cache.CACHE_FOLDER
 
 
 def test_grayscale_images_give_one_channel(tmp_path):

@@ -39,9 +39,18 @@ def cache_root(source: Path, cfg: Mapping[str, Any]) -> Path:
     if configured:
         return Path(configured).expanduser()
     beside = source if source.is_dir() else source.parent
-    if os.access(beside, os.W_OK | os.X_OK):
+    if writable(beside):
         return beside / CACHE_FOLDER
     return Path.home() / ".cache" / "fedmr"
+
+
+def writable(folder: Path) -> bool:
+    """Writable by us and not marked read-only (root may write anywhere, but a r-x folder means 'keep out')."""
+    try:
+        marked = folder.stat().st_mode & 0o222
+    except OSError:
+        return False
+    return bool(marked) and os.access(folder, os.W_OK | os.X_OK)
 
 
 def fingerprint(source: Path, files: Iterable[Path] = ()) -> str:
