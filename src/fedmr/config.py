@@ -45,8 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1,
     "eval_every": 10,
     "test_batch_size": 1000,
-    "device": "cpu",
-    "workers": 1,
+    "device": "auto",  # "cpu", "cuda" or "auto" (the GPU when there is one)
+    "workers": 1,  # client processes: N or "auto" (one single-thread process per core on a CPU)
+    "vectorize": "auto",  # train the round's clients as one batched computation: true, false or "auto"
+    "client_timeout": 0.0,  # seconds a client may train before it is dropped for the round; 0 = no limit
     "max_update_norm": 0.0,
     "dropout_rate": 0.0,  # fraction of the selected clients that fail each round (seeded)
     "checkpoint_every": 0,  # rounds between checkpoints; 0 = at every evaluation
@@ -162,6 +164,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             value = cfg[key]
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
+        elif key == "vectorize":
+            if not (cfg[key] == "auto" or isinstance(cfg[key], bool)):
+                raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {cfg[key]!r}")
         else:
             cfg[key] = _check_type(key, cfg[key], default)
 
@@ -194,6 +199,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 
     if cfg["normalization"] not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization '{cfg['normalization']}' (choose from {', '.join(NORMALIZATIONS)})")
+    if cfg["client_timeout"] < 0:
+        raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {cfg['client_timeout']}")
     if cfg["device"] not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {cfg['device']!r}")
     for name, cls in ALGORITHMS.items():

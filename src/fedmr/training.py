@@ -55,13 +55,14 @@ def train_sgd(
     optimiser = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     n = y.shape[0]
     slices = batch_slices(n, settings.batch_size)
-    total = torch.zeros((), device=y.device)
+    total = torch.zeros((), device=y.device)  # summed on the device: no host sync per step
     steps = 0
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator, device=generator.device).to(y.device)
+        # one gather per epoch (channels_last is kept), then each batch is a free view
+        epoch_x, epoch_y = x[order], y[order]
         for part in slices:
-            idx = order[part]
-            loss = loss_fn(model, x[idx], y[idx])
+            loss = loss_fn(model, epoch_x[part], epoch_y[part])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:

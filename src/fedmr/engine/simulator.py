@@ -30,7 +30,7 @@ from ..results import RunWriter, summarize_metrics
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state, evaluate
 from .checkpoint import fingerprint, latest_checkpoint, save_checkpoint, save_tensors
-from .runner import ClientData, SequentialRunner
+from .runner import ClientData, make_runner
 from .validation import update_problem
 
 log = logging.getLogger("fedmr")
@@ -121,7 +121,7 @@ class Simulation:
         self.settings = LocalSettings.from_config(self.cfg)
         self.model = experiment.new_model()
         self.client_data = ClientData(experiment.data.train_x, experiment.data.train_y, experiment.partition)
-        self.runner = SequentialRunner(self.algorithm, self.model, self.client_data, self.settings, self.cfg["seed"])
+        self.runner = make_runner(self.cfg, self.algorithm, self.model, self.client_data, self.settings)
         self.writer = RunWriter(out_dir, resume=resume) if out_dir is not None else None
         self.resume = resume
         self.stop_requested = 0  # a signal number: finish the round, checkpoint, stop (set by the CLI)
