@@ -21,7 +21,7 @@ from .config import to_toml
 from .errors import ConfigError
 
 METRIC_COLUMNS = [
-    "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "elapsed_s",
+    "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb", "elapsed_s",
 ]
 
 
