@@ -211,7 +211,7 @@ class Simulation:
                 if (r + 1) % every == 0 or r == rounds - 1:
                     acc, loss = self.evaluate()
                     row = {"round": r + 1, "accuracy": acc, "loss": loss, **round_stats,
-                           "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
+                           "pool_cosine": None, **self.algorithm.round_metrics(),
                            "elapsed_s": time.perf_counter() - start}
                     self.rows.append(row)
                     if self.writer is not None:
