@@ -72,9 +72,10 @@ def default_config() -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """A ``--set`` value: a TOML literal (number, bool, quoted string, array) or else a bare string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        doc = tomllib.loads(f"v = {text}")
+    except (ValueError, RecursionError):  # TOMLDecodeError, a 5000-digit integer, 10000 nested brackets
         return text
+    return doc["v"] if list(doc) == ["v"] else text  # "1\nrounds=2" is one odd string, not two settings
 
 
 def parse_assignment(item: str) -> tuple[list[str], Any]:
@@ -94,8 +95,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError, so is a 5000-digit integer
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
 
@@ -133,21 +136,35 @@ def load_config(path: str | Path | None = None, assignments: Iterable[str] = ())
     return validate(cfg)
 
 
+def _brief(value: Any) -> str:
+    """repr for an error message: long values cut short (and huge integers, which repr refuses, named)."""
+    if isinstance(value, int) and abs(value) >= 10**40:
+        return f"an integer of about {int(abs(value).bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be true or false, got {_brief(value)}")
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {_brief(value)}")
     elif isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        value = float(value)
+            raise ConfigError(f"config key '{key}' must be a number, got {_brief(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}' must be finite, got {_brief(value)}") from None
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {_brief(value)}")
+        if "\x00" in value:
+            raise ConfigError(f"config key '{key}' contains a NUL character")
     return value
 
 
@@ -179,6 +196,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(
             f"clients_per_round ({cfg['clients_per_round']}) cannot exceed num_clients ({cfg['num_clients']})"
         )
+    if not 0 <= cfg["seed"] < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
+        raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {_brief(cfg['seed'])}")
     if not 0 <= cfg["dropout_rate"] < 1:
         raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {cfg['dropout_rate']}")
     if cfg["max_update_norm"] < 0:

@@ -84,12 +84,13 @@ def check_partition(parts: Sequence[Sequence[int]], num_samples: int, source: st
             raise PartitionError(f"{source}: client {client} has no samples")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in part):
             raise PartitionError(f"{source}: client {client} has an index that is not an integer")
-        arr = np.asarray(part, dtype=np.int64)
-        bad = arr[(arr < 0) | (arr >= num_samples)]
-        if bad.size:
+        bad = next((i for i in part if not 0 <= i < num_samples), None)  # before numpy: 2**70 would overflow
+        if bad is not None:
+            shown = bad if abs(bad) < 10**40 else "with more than 40 digits"
             raise PartitionError(
-                f"{source}: client {client} has index {int(bad[0])} out of range for {num_samples} training samples"
+                f"{source}: client {client} has index {shown} out of range for {num_samples} training samples"
             )
+        arr = np.asarray(part, dtype=np.int64)
         if np.unique(arr).size != arr.size or seen[arr].any():
             dup = next(int(i) for i in arr if seen[i] or (arr == i).sum() > 1)
             raise PartitionError(f"{source}: index {dup} appears more than once (client {client})")
@@ -122,17 +123,19 @@ def load_partition(path: str | Path, num_samples: int, num_clients: int | None =
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise PartitionError(f"partition file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError, so is a 5000-digit integer
         raise PartitionError(f"partition file {path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PartitionError(f"partition file {path} is not valid JSON: nested too deeply") from None
     except OSError as exc:
         raise PartitionError(f"cannot read partition file {path}: {exc.strerror}") from None
     if not isinstance(doc, Mapping) or not isinstance(doc.get("train_data"), Mapping):
         raise PartitionError(f"partition file {path} has no 'train_data' mapping of client -> indices")
     data = doc["train_data"]
-    try:
-        ids = sorted(int(k) for k in data)
-    except (TypeError, ValueError):
-        raise PartitionError(f"partition file {path}: client ids must be integers") from None
+    odd = next((k for k in data if not (k.isascii() and k.isdigit() and str(int(k)) == k)), None)
+    if odd is not None:  # " 1", "01", "1_0" and "٣" all pass int() but name no client
+        raise PartitionError(f"partition file {path}: client ids must be integers 0..N-1 written plainly, got {odd[:20]!r}")
+    ids = sorted(int(k) for k in data)
     if ids != list(range(len(ids))):
         raise PartitionError(f"partition file {path}: client ids must be 0..{len(ids) - 1}")
     declared = doc.get("num_users", len(ids))
@@ -140,7 +143,7 @@ def load_partition(path: str | Path, num_samples: int, num_clients: int | None =
         raise PartitionError(f"partition file {path}: num_users is {declared} but train_data has {len(ids)} clients")
     if num_clients is not None and len(ids) != num_clients:
         raise PartitionError(f"partition file {path} has {len(ids)} clients but num_clients is {num_clients}")
-    return check_partition([data[str(i)] if str(i) in data else data[i] for i in ids], num_samples, f"partition file {path}")
+    return check_partition([data[str(i)] for i in ids], num_samples, f"partition file {path}")
 
 
 def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None) -> Partition:
