@@ -202,6 +202,7 @@ def test_resume_after_corrupt_newest_matches_uninterrupted_run(tmp_path, caplog,
     capsys.readouterr()
     assert main(["run", "--quiet", "--resume", str(run), "--set", "seed=4"]) == 2
     assert "belongs to a different run: config key 'seed' was 3, now 4" in capsys.readouterr().err
+    assert load_config(run / "config.toml")["seed"] == 3  # the refused resume left the run folder alone
 
 
 def test_resume_with_a_pickle_planted_as_the_only_checkpoint_fails_safely(tmp_path, capsys):

@@ -85,7 +85,7 @@ def prepare(cfg: dict[str, Any], data: DataSet | None = None) -> Experiment:
     model_name = data.default_model if cfg["model"] == "auto" else cfg["model"]
     torch.manual_seed(derive_seed(cfg["seed"], "init"))
     model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
-    initial = clone_state(model)
+    initial = {k: v.to(device) for k, v in clone_state(model).items()}  # so the server's pool lives on the device too
     return Experiment(cfg, data.to(device), partition, summary, model_name, initial, device)
 
 
@@ -197,9 +197,9 @@ class Simulation:
         cfg = self.cfg
         rounds, every = cfg["rounds"], cfg["eval_every"]
         checkpoint_every = cfg.get("checkpoint_every") or every
-        self._write_header()
         self.algorithm.setup(self.exp.initial_state)
         first, elapsed_before = self._restore()
+        self._write_header()  # after the checkpoint is accepted: a refused resume leaves config.toml as it was
         bar = tqdm(total=rounds, initial=first, desc=self.label, disable=self.progress != "bar", dynamic_ncols=True,
                    file=sys.stderr, unit="round")
         start = time.perf_counter() - elapsed_before
