@@ -136,7 +136,7 @@ class Simulation:
             counts["delivered"] += 1
             problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
             if problem is not None:
-                log.warning("round %d: rejected the update of client %d: %s", counts["round"], result.client_id, problem)
+                log.warning("round %d: rejected the update of client %d: %s", counts["round"] + 1, result.client_id, problem)
                 counts["rejected"] += 1
                 continue
             counts["losses"].append(result.train_loss)
