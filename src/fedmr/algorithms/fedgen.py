@@ -10,7 +10,11 @@ of github.com/zhuangdizhu/FedGen; the paper gives no per-dataset table and the F
 none): generator = Linear(noise + one-hot labels -> 256), BatchNorm, ReLU, Linear(-> head input
 size); noise 32-dim uniform on [0, 1) as the code draws it; 50 Adam steps a round (10 "epochs" of
 5 teacher iterations) on batches of 32, lr 3e-4, weight decay 1e-2, lr x 0.98 per round; loss =
-teacher cross-entropy + 1 * diversity loss; client weights alpha = beta = 10, each x 0.98 per
+teacher loss + 1 * diversity loss, the teacher loss being sum over the round's clients k of
+mean_i(w_k,y_i * CE(head_k(z_i), y_i)), w_k,y = client k's share of label y among them (the code
+multiplies a (batch, 1) weight by a (batch,) loss, which broadcasts to the product of the two
+means; the per-sample weighting here is what it intends), labels drawn uniformly from those some
+client holds more than one sample of; client weights alpha = beta = 10, each x 0.98 per
 round with a floor of 1e-4; the alpha term scaled by gen_batch_size / batch_size (32 / local batch
 size), as in the code.  The regularisers start once the generator has been trained (round 1 on),
 as the code's ``regularization = glob_iter > 0``.  The CIFAR entry of the official code
