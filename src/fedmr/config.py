@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 10,
     "test_batch_size": 1000,
     "device": "auto",  # "cpu", "cuda" or "auto" (the GPU when there is one)
-    "workers": 1,  # client processes: N or "auto" (one single-thread process per core on a CPU)
+    "workers": "auto",  # client processes: N or "auto" (one single-thread process per core on a CPU)
     "vectorize": "auto",  # train the round's clients as one batched computation: true, false or "auto"
     "client_timeout": 0.0,  # seconds a client may train before it is dropped for the round; 0 = no limit
     "max_update_norm": 0.0,

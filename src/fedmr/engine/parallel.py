@@ -139,6 +139,10 @@ class ProcessPoolRunner:
     def run(self, round_idx: int, tasks: Sequence[TrainTask]) -> Iterator[TrainResult]:
         self._ensure_workers()
         tasks = list(tasks)
+        # the server folds results in while the workers train: its small tensor ops run fastest on one
+        # thread, and a second OpenMP thread would fight the workers for the cores
+        parent_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         pending = list(range(len(tasks)))[::-1]  # popped from the end: task order
         done: dict[int, TrainResult | None] = {}
         next_out = 0
@@ -158,6 +162,7 @@ class ProcessPoolRunner:
                         yield result
             finished = True
         finally:
+            torch.set_num_threads(parent_threads)
             if not finished:  # abandoned mid-round (exception, Ctrl-C): busy workers hold stale work
                 for worker in [w for w in self._workers if w.slot is not None]:
                     worker.stop(graceful=False)

@@ -1,0 +1,232 @@
+"""The timed pieces of the benchmarks: one round on every path, the reference-style loop, the server.
+
+Everything runs on synthetic CIFAR-10-shaped data (uint8 HWC images, 10
+classes): speed does not depend on the pixel values, and no download is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from fedmr.config import load_config
+from fedmr.data import DataSet, as_images
+from fedmr.engine import Simulation, prepare
+from fedmr.maths import draw_permutations, pool_mean, recombine_, replicate, state_nbytes
+from fedmr.models import build_model
+from fedmr.training import LocalSettings, batch_slices, clone_state
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class Round:
+    """The paper's round by default: 10 clients x 5 local epochs x batch 50 x 500 samples each."""
+
+    clients: int = 10
+    epochs: int = 5
+    batch: int = 50
+    samples: int = 500
+
+    @property
+    def samples_trained(self) -> int:
+        per_client = sum(s.stop - s.start for s in batch_slices(self.samples, self.batch))
+        return self.clients * self.epochs * per_client
+
+
+def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
+
+
+def normalised(images: np.ndarray) -> torch.Tensor:
+    """What the simulator keeps resident: normalised float32, channels_last."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
+    x = (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    return as_images(x)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ---- the reference-style loop (as the authors' code does it) --------------------------------
+class PerSampleImages(Dataset):
+    """One uint8 HWC image at a time, turned into a normalised float tensor by a transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int]):
+        self.images, self.labels, self.indices = images, labels, indices
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def transform(self, image: np.ndarray) -> torch.Tensor:  # ToTensor + Normalize
+        return (torch.from_numpy(image).permute(2, 0, 1).float().div(255) - self.mean) / self.std
+
+    def __getitem__(self, i: int):
+        j = self.indices[i]
+        return self.transform(self.images[j]), int(self.labels[j])
+
+
+class ReferenceFedMR:
+    """Deep-copied state dicts, a DataLoader per client, per-layer shuffles of state dicts."""
+
+    def __init__(self, model_name: str, images: np.ndarray, labels: np.ndarray, work: Round, seed: int = 0):
+        torch.manual_seed(seed)
+        self.net = build_model(model_name, 10, 3, 32)
+        self.images, self.labels, self.work = images, labels, work
+        self.w_locals = [copy.deepcopy(self.net.state_dict()) for _ in range(work.clients)]
+        self.splits = [list(range(c * work.samples, (c + 1) * work.samples)) for c in range(work.clients)]
+
+    def local_train(self, net, indices: list[int]):
+        loader = DataLoader(PerSampleImages(self.images, self.labels, indices), batch_size=self.work.batch, shuffle=True)
+        optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
+        net.train()
+        for _ in range(self.work.epochs):
+            for images, labels in loader:
+                net.zero_grad()
+                loss = F.cross_entropy(net(images), labels)
+                loss.backward()
+                optimiser.step()
+        return net.state_dict()
+
+    def round(self) -> None:
+        for c in range(self.work.clients):
+            net = copy.deepcopy(self.net)
+            net.load_state_dict(self.w_locals[c])
+            self.w_locals[c] = copy.deepcopy(self.local_train(net, self.splits[c]))
+        # server: per-layer recombination, then the mean model, on deep copies
+        shuffled = copy.deepcopy(self.w_locals)
+        for key in self.w_locals[0]:
+            perm = torch.randperm(len(self.w_locals))
+            for i, j in enumerate(perm.tolist()):
+                shuffled[i][key] = self.w_locals[j][key]
+        glob = copy.deepcopy(shuffled[0])
+        for key in glob:
+            for w in shuffled[1:]:
+                glob[key] = glob[key] + w[key]
+            glob[key] = torch.div(glob[key], len(shuffled))
+        self.w_locals = shuffled
+        self.net.load_state_dict(glob)
+
+
+# ---- the simulator ----------------------------------------------------------------------------
+def cifar_dataset(images: np.ndarray, labels: np.ndarray) -> DataSet:
+    x, y = normalised(images), torch.from_numpy(labels)
+    return DataSet("cifar-like", x, y, x[:500], y[:500], 10, default_model="cnn")
+
+
+def simulation(model_name: str, data: DataSet, work: Round, *settings: str) -> Simulation:
+    """A FedMR run over the whole (synthetic) federation, ready for ``run_round``."""
+    cfg = load_config(None, [f"model={model_name}", f"num_clients={work.clients}", f"clients_per_round={work.clients}",
+                             "partition=iid", f"local_epochs={work.epochs}", f"batch_size={work.batch}",
+                             "device=cpu", *settings])
+    sim = Simulation(prepare(cfg, data), progress="none")
+    sim.algorithm.setup(sim.exp.initial_state)
+    return sim
+
+
+def bare_round(model: torch.nn.Module, state: dict, x: torch.Tensor, y: torch.Tensor, work: Round, seed: int) -> None:
+    """The same work with nothing around it: per client a fresh SGD over index batches."""
+    generator = torch.Generator().manual_seed(seed)
+    for c in range(work.clients):
+        model.load_state_dict(state)
+        xc, yc = x[c * work.samples : (c + 1) * work.samples], y[c * work.samples : (c + 1) * work.samples]
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+        for _ in range(work.epochs):
+            order = torch.randperm(work.samples, generator=generator)
+            for part in batch_slices(work.samples, work.batch):
+                idx = order[part]
+                loss = F.cross_entropy(model(xc[idx]), yc[idx])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+
+
+# ---- rates ------------------------------------------------------------------------------------
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul throughput with this process's threads: the machine's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def training_flops_per_sample(model_name: str, batch: int = 50) -> float:
+    """Forward + backward FLOPs of one training step, per sample (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(model_name, 10, 3, 32).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / batch
+
+
+# ---- the server -------------------------------------------------------------------------------
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        return int(re.search(rf"{field}:\s+(\d+)", fh.read()).group(1)) / 1024
+
+
+def _server_child(conn, model_name: str, k: int, repeats: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    state = clone_state(build_model(model_name, 10, 3, 32))
+    pool = replicate(state, k)
+    for key in pool:  # distinct models, as after training
+        if pool[key].is_floating_point():
+            pool[key].add_(torch.randn_like(pool[key]) * 0.01)
+    generator = torch.Generator().manual_seed(0)
+
+    def step():
+        recombine_(pool, draw_permutations(list(pool), k, generator))
+        return pool_mean(pool)
+
+    step()
+    times = [timed(step) for _ in range(repeats)]
+    base = _rss_mib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to now
+            fh.write("5")
+        step()
+        extra = max(0.0, _rss_mib("VmHWM") - base)
+    except OSError:
+        extra = float("nan")
+    model_mib = state_nbytes(state) / 2**20
+    conn.send({"seconds": median(times), "model_mib": model_mib, "pool_mib": k * model_mib,
+               "peak_models": k + extra / model_mib})
+    conn.close()
+
+
+def server_cost(model_name: str, k: int = 10, repeats: int = 3, threads: int = 1) -> dict:
+    """Recombination + pool mean of a K-model pool: time, and peak memory in model sizes, measured in a
+    fresh forked process so earlier allocations do not hide the peak.  One thread by default: the
+    server's thread count while worker processes train."""
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_server_child, args=(child, model_name, k, repeats, threads))
+    process.start()
+    result = parent.recv()
+    process.join()
+    return result
