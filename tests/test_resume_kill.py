@@ -29,7 +29,8 @@ def _start(args: list[str], log: Path, delay: float | None = None) -> subprocess
     if delay is not None:
         env[TEST_DELAY_ENV] = str(delay)
     with log.open("w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "fedmr.cli", *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen([sys.executable, "-m", "fedmr.cli", *args], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
 
 
 def _wait_for(proc: subprocess.Popen, condition, what: str) -> None:
@@ -41,7 +42,11 @@ def _wait_for(proc: subprocess.Popen, condition, what: str) -> None:
 
 
 def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
-    proc.send_signal(sig)
+    """SIGKILL takes the run's whole process group (as a crash of the job would); SIGTERM goes to the main process."""
+    if sig == signal.SIGKILL:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     return proc.wait(TIMEOUT)
 
 

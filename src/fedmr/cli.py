@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -121,7 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _stop_on_signals(simulation: Any):
     """First SIGINT/SIGTERM: finish the round, write a checkpoint, stop. A second one aborts at once."""
+    owner = os.getpid()
+
     def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker inherited this handler: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if simulation.stop_requested:
             raise KeyboardInterrupt
         simulation.stop_requested = signum
