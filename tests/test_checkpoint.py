@@ -22,7 +22,7 @@ from fedmr.errors import CheckpointError
 from fedmr.results import read_metrics
 
 TINY = ["num_clients=8", "clients_per_round=3", "rounds=6", "local_epochs=1", "eval_every=2",
-        "partition=\"iid\"", "seed=3"]
+        "partition=\"iid\"", "seed=3", "workers=1"]
 FINGERPRINT = {"config": {"seed": 1}, "partition_sha256": "p", "initial_model_sha256": "i"}
 
 
@@ -235,3 +235,12 @@ def test_derived_streams_make_a_round_independent_of_what_ran_before(tmp_path):
     assert fresh.run_round(3) == stats  # same counts, dropouts and training loss
     after, expected = fresh.algorithm.server_state(), straight.algorithm.server_state()
     assert all(torch.equal(after[k], expected[k]) for k in expected)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,7 +15,8 @@ from fedmr.errors import ConfigError
 from fedmr.results import read_metrics
 from fedmr.seeding import numpy_rng
 
-TINY = ["num_clients=8", "clients_per_round=4", "local_epochs=1", "partition=\"iid\"", "seed=4", "dropout_rate=0.5"]
+TINY = ["num_clients=8", "clients_per_round=4", "local_epochs=1", "partition=\"iid\"", "seed=4", "dropout_rate=0.5",
+        "workers=1"]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +108,12 @@ def test_fedmr_missing_slots_keep_their_models_and_still_recombine(experiment):
 def test_dropout_rate_must_be_below_one():
     with pytest.raises(ConfigError, match=r"'dropout_rate' must be in \[0, 1\), got 1.0"):
         load_config(None, ["dropout_rate=1"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

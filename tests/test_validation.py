@@ -15,7 +15,7 @@ from fedmr.algorithms import TrainResult
 from fedmr.maths import RunningMean
 from fedmr.seeding import numpy_rng
 
-TINY = ["num_clients=6", "clients_per_round=3", "local_epochs=1", "partition=\"iid\"", "seed=2"]
+TINY = ["num_clients=6", "clients_per_round=3", "local_epochs=1", "partition=\"iid\"", "seed=2", "workers=1"]
 BAD_SLOT = 1
 
 
@@ -166,3 +166,12 @@ def test_update_problem_accepts_a_sound_update_within_the_norm():
     assert "exceeds" in update_problem(update, reference, 0.99, reference)
     assert update_problem(TrainResult(0, 0, [1, 2], 1), reference) == "the update is not a state dict"
     assert update_problem(TrainResult(0, 0, {"w": [[0.0]] * 2, "steps": torch.tensor(1)}, 1), reference) == "'w' is not a tensor"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
