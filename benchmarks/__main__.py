@@ -1,6 +1,6 @@
 """The speed suite: seconds per FedMR round on every path, side by side in one run.
 
-    python -m benchmarks                      # CNN and ResNet-20, the paper's round (ResNet-20 scaled, see --help)
+    python -m benchmarks                      # CNN (the paper's round) and ResNet-20 (a scaled round, see --help)
     python -m benchmarks --quick              # a short smoke run of the same table
     python -m benchmarks --models cnn --reps 3
 
@@ -35,22 +35,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=2, help="timed rounds per path after one warm-up round (default 2)")
     parser.add_argument("--quick", action="store_true", help="1 timed round, 100 samples x 1 epoch per client")
     parser.add_argument("--resnet-samples", type=int, default=100,
-                        help="samples per client for ResNet-20 (default 100: the paper's 500 take minutes per path; "
-                             "seconds are then also given scaled to the paper's round)")
+                        help="samples per client for ResNet-20 (default 100; the paper's round, 500 x 5 epochs, takes "
+                             "minutes per path on 2 cores: seconds are also given scaled to the paper's round)")
+    parser.add_argument("--resnet-epochs", type=int, default=1, help="local epochs for ResNet-20 (default 1)")
     parser.add_argument("--server-models", default="cnn,resnet20,vgg16", help="pools timed for the server's work")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the simulator paths run (cuda: the sequential and vectorized GPU paths)")
     return parser.parse_args(argv)
 
 
 def workload(model: str, args: argparse.Namespace) -> Round:
+    if model == "resnet20":
+        return Round(samples=50 if args.quick else args.resnet_samples, epochs=1 if args.quick else args.resnet_epochs)
     if args.quick:
         return Round(samples=100, epochs=1)
-    if model == "resnet20":
-        return Round(samples=args.resnet_samples)
     return PAPER
 
 
-def bench_model(model: str, args: argparse.Namespace, matmul: float) -> dict:
+def bench_model(model: str, args: argparse.Namespace) -> dict:
     work = workload(model, args)
     images, labels = cifar_like(work.clients * work.samples)
     data = cifar_dataset(images, labels)
@@ -58,11 +61,13 @@ def bench_model(model: str, args: argparse.Namespace, matmul: float) -> dict:
     if not args.no_reference:
         reference = ReferenceFedMR(model, images, labels, work)
         paths["reference loop"] = reference.round
-    sims = {"sequential": simulation(model, data, work, "workers=1", "vectorize=false"),
-            "parallel": simulation(model, data, work, "workers=\"auto\"", "vectorize=false")}
+    on = args.device
+    sims = {"sequential": simulation(model, data, work, "workers=1", "vectorize=false", device=on)}
+    if on == "cpu":
+        sims["parallel"] = simulation(model, data, work, "workers=\"auto\"", "vectorize=false")
     reason = unsupported_reason(sims["sequential"].algorithm, sims["sequential"].model)
     if reason is None:
-        sims["vectorized"] = simulation(model, data, work, "workers=1", "vectorize=true")
+        sims["vectorized"] = simulation(model, data, work, "workers=1", "vectorize=true", device=on)
     counters = {name: iter(range(10**6)) for name in sims}
     for name, sim in sims.items():
         paths[name] = (lambda s=sim, c=counters[name]: s.run_round(next(c)))
@@ -71,17 +76,20 @@ def bench_model(model: str, args: argparse.Namespace, matmul: float) -> dict:
     paths["bare loop"] = lambda: bare_round(bare_model, start_state, data.train_x, data.train_y, work, seed=1)
 
     times: dict[str, list[float]] = {name: [] for name in paths}
+    matmuls: list[float] = []
     reps = 1 if args.quick else max(1, args.reps)
     for rep in range(reps + 1):  # the first round of each path warms caches and forks workers: not timed
+        matmuls.append(matmul_gflops())  # the machine's rate now, next to the rounds it is compared with
         for name, fn in paths.items():
             seconds = timed(fn)
+            print(f"  {model} {name}: {seconds:.2f} s{'' if rep else ' (warm-up)'}", file=sys.stderr, flush=True)
             if rep > 0:
                 times[name].append(seconds)
     for sim in sims.values():
         sim.runner.close()
     flops = training_flops_per_sample(model, work.batch) * work.samples_trained
     return {"model": model, "work": work, "times": {k: median(v) for k, v in times.items()},
-            "flops": flops, "matmul": matmul, "vectorize_reason": reason}
+            "flops": flops, "matmul": median(matmuls), "vectorize_reason": reason}
 
 
 def print_model(res: dict) -> None:
@@ -89,7 +97,8 @@ def print_model(res: dict) -> None:
     scale = PAPER.samples_trained / work.samples_trained
     ref = times.get("reference loop")
     print(f"\n## {res['model']}: {work.clients} clients x {work.epochs} epochs x {work.samples} samples, batch {work.batch} "
-          f"({work.samples_trained} samples, {res['flops'] / 1e9:.1f} GFLOP of training per round)")
+          f"({work.samples_trained} samples, {res['flops'] / 1e9:.1f} GFLOP of training per round); "
+          f"fp32 matmul {res['matmul']:.1f} GFLOP/s (median over the repetitions)")
     scaled_note = f" | s/round scaled to the paper's round (x{scale:g})" if scale != 1 else ""
     print(f"| path | s/round{scaled_note} | speed-up vs reference | samples/s | GFLOP/s | % of matmul |")
     print("|---|---:|" + ("---:|" if scale != 1 else "") + "---:|---:|---:|---:|")
@@ -115,11 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     workers, threads = resolve_workers("auto", torch.device("cpu"), PAPER.clients)
     matmul = matmul_gflops()
     print(f"# fedmr speed suite: torch {torch.__version__}, {cores} CPUs, torch threads {torch.get_num_threads()}")
-    print(f"fp32 matmul (2048x2048): {matmul:.1f} GFLOP/s")
+    print(f"fp32 matmul (2048x2048, {torch.get_num_threads()} threads) at start: {matmul:.1f} GFLOP/s")
     print(f"workers = \"auto\" here: {workers} processes x {threads} threads; vectorize = \"auto\" on a CPU: off")
     cnn_round = None
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        res = bench_model(model, args, matmul)
+        res = bench_model(model, args)
         print_model(res)
         if model == "cnn":
             cnn_round = min(v for k, v in res["times"].items() if k not in ("reference loop", "bare loop"))

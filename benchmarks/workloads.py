@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fedmr.config import load_config
@@ -60,6 +61,8 @@ def normalised(images: np.ndarray) -> torch.Tensor:
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: count it in the round it belongs to
     return time.perf_counter() - start
 
 
@@ -68,23 +71,28 @@ def median(values: list[float]) -> float:
 
 
 # ---- the reference-style loop (as the authors' code does it) --------------------------------
+def to_tensor_normalize(picture: Image.Image) -> torch.Tensor:
+    """What torchvision's ToTensor() + Normalize(mean, std) do to one PIL image (torchvision itself is
+    not a dependency): copy out the bytes, HWC -> CHW, scale to [0, 1], normalise."""
+    x = torch.from_numpy(np.array(picture, np.uint8, copy=True)).view(picture.size[1], picture.size[0], 3)
+    x = x.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
+    mean, std = torch.as_tensor(CIFAR_MEAN), torch.as_tensor(CIFAR_STD)
+    return x.sub_(mean[:, None, None]).div_(std[:, None, None])
+
+
 class PerSampleImages(Dataset):
-    """One uint8 HWC image at a time, turned into a normalised float tensor by a transform."""
+    """As torchvision's CIFAR10 behind the authors' DatasetSplit: one uint8 HWC image at a time,
+    made a PIL image, then turned into a normalised float tensor by the transform."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int]):
         self.images, self.labels, self.indices = images, labels, indices
-        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def transform(self, image: np.ndarray) -> torch.Tensor:  # ToTensor + Normalize
-        return (torch.from_numpy(image).permute(2, 0, 1).float().div(255) - self.mean) / self.std
-
     def __getitem__(self, i: int):
         j = self.indices[i]
-        return self.transform(self.images[j]), int(self.labels[j])
+        return to_tensor_normalize(Image.fromarray(self.images[j])), int(self.labels[j])
 
 
 class ReferenceFedMR:
@@ -135,11 +143,11 @@ def cifar_dataset(images: np.ndarray, labels: np.ndarray) -> DataSet:
     return DataSet("cifar-like", x, y, x[:500], y[:500], 10, default_model="cnn")
 
 
-def simulation(model_name: str, data: DataSet, work: Round, *settings: str) -> Simulation:
+def simulation(model_name: str, data: DataSet, work: Round, *settings: str, device: str = "cpu") -> Simulation:
     """A FedMR run over the whole (synthetic) federation, ready for ``run_round``."""
     cfg = load_config(None, [f"model={model_name}", f"num_clients={work.clients}", f"clients_per_round={work.clients}",
                              "partition=iid", f"local_epochs={work.epochs}", f"batch_size={work.batch}",
-                             "device=cpu", *settings])
+                             f"device=\"{device}\"", *settings])
     sim = Simulation(prepare(cfg, data), progress="none")
     sim.algorithm.setup(sim.exp.initial_state)
     return sim
