@@ -76,6 +76,7 @@ def to_tensor_normalize(picture: Image.Image) -> torch.Tensor:
     not a dependency): copy out the bytes, HWC -> CHW, scale to [0, 1], normalise."""
     x = torch.from_numpy(np.array(picture, np.uint8, copy=True)).view(picture.size[1], picture.size[0], 3)
     x = x.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
+    x = x.clone()  # Normalize(inplace=False) works on a copy
     mean, std = torch.as_tensor(CIFAR_MEAN), torch.as_tensor(CIFAR_STD)
     return x.sub_(mean[:, None, None]).div_(std[:, None, None])
 
@@ -109,12 +110,16 @@ class ReferenceFedMR:
         loader = DataLoader(PerSampleImages(self.images, self.labels, indices), batch_size=self.work.batch, shuffle=True)
         optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
         net.train()
+        epoch_loss = []
         for _ in range(self.work.epochs):
+            batch_loss = []
             for images, labels in loader:
                 net.zero_grad()
                 loss = F.cross_entropy(net(images), labels)
                 loss.backward()
                 optimiser.step()
+                batch_loss.append(loss.item())
+            epoch_loss.append(sum(batch_loss) / len(batch_loss))
         return net.state_dict()
 
     def round(self) -> None:
