@@ -53,13 +53,16 @@ def test_entries_are_shuffled_independently_and_every_permutation_appears():
     assert len(joint) == 36
 
 
-def test_in_place_recombination_matches_the_pure_one():
-    _, pool = random_pool()
-    perms = draw_permutations(list(pool), 4, torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("seed", range(20))
+def test_in_place_recombination_matches_the_pure_one(seed):
+    _, pool = random_pool(k=6, seed=seed)
+    perms = draw_permutations(list(pool), 6, torch.Generator().manual_seed(seed))
     expected = recombine(pool, perms)
+    tensors = {key: value.data_ptr() for key, value in pool.items()}
     recombine_(pool, perms)
     for key in pool:
         assert torch.equal(pool[key], expected[key])
+        assert pool[key].data_ptr() == tensors[key]  # permuted in place, no second pool
 
 
 def test_key_blocks():

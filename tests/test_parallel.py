@@ -138,3 +138,48 @@ def test_a_task_sends_one_model_not_the_pool_nor_the_data():
     task = TrainTask(3, 3, slot(pool, 3))
     message = len(_dumps((0, owned(task))))
     assert state_nbytes(state) < message < 1.2 * state_nbytes(state) + 4096
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs Linux /proc")
+def test_workers_die_with_a_sigkilled_simulator(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fedmr.cli", "run", "--quiet", "--out", str(tmp_path / "run"),
+           "--set", "workers=2", "--set", "rounds=500", "--set", "num_clients=10",
+           "--set", "clients_per_round=4", "--set", "local_epochs=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+            workers = _children(proc.pid)
+            time.sleep(0.1)
+        assert len(workers) == 2, "the run never started its two workers"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not any(_alive(w) for w in workers), "workers outlived their SIGKILLed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in _children(proc.pid):
+            os.kill(w, 9)

@@ -66,9 +66,26 @@ def recombine(pool: Pool, permutations: Mapping[str, torch.Tensor]) -> Pool:
 
 
 def recombine_(pool: Pool, permutations: Mapping[str, torch.Tensor]) -> Pool:
-    """In-place recombination: rebinds one key at a time, so the extra memory is one entry."""
-    for key in list(pool):
-        pool[key] = pool[key][permutations[key].to(pool[key].device)]
+    """In-place recombination, ``pool[key][i] <- pool[key][perm[i]]``, following each cycle of the
+    permutation with one slot's entry as the only buffer: the server never holds a second pool,
+    not even of its largest entry (half of VGG-16 sits in one key)."""
+    for key, value in pool.items():
+        perm = [int(p) for p in permutations[key]]
+        seen = [False] * len(perm)
+        for start in range(len(perm)):
+            if seen[start] or perm[start] == start:
+                seen[start] = True
+                continue
+            buffer = value[start].clone()
+            i = start
+            while True:
+                seen[i] = True
+                source = perm[i]
+                if source == start:
+                    value[i].copy_(buffer)
+                    break
+                value[i].copy_(value[source])
+                i = source
     return pool
 
 
@@ -99,7 +116,7 @@ def weighted_mean(pool: Pool, weights: Sequence[float] | torch.Tensor) -> State:
     return {key: _mean_as(value, w) for key, value in pool.items()}
 
 
-def mean_pairwise_cosine(pool: Pool, chunk_numel: int = 1 << 22) -> float:
+def mean_pairwise_cosine(pool: Pool, chunk_numel: int = 1 << 20) -> float:
     """Mean cosine similarity over all pairs of pool models, each flattened over its float entries.
 
     The Gram matrix is accumulated key by key (in chunks), so no model is ever

@@ -53,8 +53,23 @@ def owned(task: TrainTask) -> TrainTask:
     return TrainTask(task.client_id, task.slot, state, task.payload)
 
 
-def _worker_main(conn: Connection, algorithm: Algorithm, model: nn.Module, data: ClientData,
+def _die_with_parent(parent_pid: int) -> None:
+    """A SIGKILLed simulator must not leave its workers behind: a forked worker holds copies of
+    the parent's pipe ends, so it would never see EOF.  Linux kills it with its parent instead."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _worker_main(conn: Connection, parent_pid: int, algorithm: Algorithm, model: nn.Module, data: ClientData,
                  settings: LocalSettings, seed: int, threads: int) -> None:
+    _die_with_parent(parent_pid)
     # Ctrl-C goes to the whole process group: the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -80,7 +95,7 @@ def _worker_main(conn: Connection, algorithm: Algorithm, model: nn.Module, data:
 class _Worker:
     def __init__(self, ctx: Any, args: tuple[Any, ...]):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=_worker_main, args=(child, *args), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, os.getpid(), *args), daemon=True)
         self.process.start()
         child.close()
         self.slot: int | None = None  # index in the round's task list while busy
