@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedmr[flower]')")
+pytestmark = pytest.mark.slow  # starts Ray / Flower processes: minutes on 2 cores
 
 from cryptography import x509  # noqa: E402  (a dependency of flwr)
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

@@ -10,6 +10,7 @@ import json
 import pytest
 
 pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedmr[flower]')")
+pytestmark = pytest.mark.slow  # starts Ray / Flower processes: minutes on 2 cores
 
 from test_flower_helpers import (  # noqa: E402
     FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
