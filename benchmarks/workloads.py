@@ -25,7 +25,7 @@ from fedmr.data import DataSet, as_images
 from fedmr.engine import Simulation, prepare
 from fedmr.maths import draw_permutations, pool_mean, recombine_, replicate, state_nbytes
 from fedmr.models import build_model
-from fedmr.training import LocalSettings, batch_slices, clone_state
+from fedmr.training import batch_slices, clone_state
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

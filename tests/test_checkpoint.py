@@ -145,9 +145,10 @@ def test_pickled_checkpoint_with_a_matching_manifest_fails_safely(tmp_path):
     _plant_pickle(tensors, marker)
     doc = json.loads(manifest.read_text())
     doc.pop("manifest_sha256")
-    from fedmr.engine.checkpoint import _json_sha256, file_sha256
+    from fedmr.engine.checkpoint import _json_sha256
+    from fedmr.fileio import file_digest
 
-    doc["sha256"] = file_sha256(tensors)
+    doc["sha256"] = file_digest(tensors)
     manifest.write_text(json.dumps({**doc, "manifest_sha256": _json_sha256(doc)}))
     with pytest.raises(CheckpointError, match="not a valid safetensors file"):
         read_checkpoint(manifest)

@@ -50,7 +50,6 @@ def test_inclusion_probabilities_match_the_cluster_weights():
     p = sizes / sizes.sum()
     draws = 3000
     counts = np.zeros(10)
-    row_counts = np.zeros((m, 10))
     for r in range(draws):
         picked = algo.select_clients(r, np.random.default_rng(1000 + r))
         rows = algo.distributions

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmr.algorithms import Federation
-from fedmr.algorithms.base import Algorithm, TrainTask
+from fedmr.algorithms.base import TrainTask
 from fedmr.algorithms.fedavg import FedAvg
 from fedmr.config import load_config
 from fedmr.engine import Simulation, prepare

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from fedmr.algorithms import ALGORITHMS, Federation, TrainResult, TrainTask
+from fedmr.algorithms import ALGORITHMS, Federation, TrainTask
 from fedmr.algorithms.scaffold import Scaffold
 from fedmr.models import CNN
 from fedmr.training import LocalSettings, batch_slices, clone_state

@@ -10,7 +10,7 @@ from fedmr.config import load_config
 from fedmr.engine.runner import ClientData, SequentialRunner, make_runner
 from fedmr.engine.vectorized import VectorizedRunner, unsupported_reason
 from fedmr.errors import ConfigError
-from fedmr.models import CNN, ResNet20, VGG16
+from fedmr.models import CNN, ResNet20
 from fedmr.training import LocalSettings, clone_state
 
 

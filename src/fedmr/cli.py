@@ -147,7 +147,8 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progres
     """Run each variant on one prepared experiment (same data, partition, seed, initial model)."""
     from .engine import Simulation, prepare
     from .partition import format_summary
-    from .results import atomic_write_text, comparison_table, plot_curves
+    from .fileio import atomic_write_text
+    from .results import comparison_table, plot_curves
 
     variants = []
     for spec in specs:
@@ -236,7 +237,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     """Draw exactly the partition ``fedmr run`` draws for this config and save it, with its summary."""
     from .data import load_dataset
     from .partition import format_summary, make_partition, summarize, to_json
-    from .results import atomic_write_text
+    from .fileio import atomic_write_text
 
     cfg = load_config(args.config, args.assignments)
     data = load_dataset(cfg)

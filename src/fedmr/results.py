@@ -12,27 +12,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import to_toml
 from .errors import ConfigError
+from .fileio import atomic_write, atomic_write_text
 
 METRIC_COLUMNS = [
     "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb", "elapsed_s",
 ]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class RunWriter:
@@ -56,15 +46,14 @@ class RunWriter:
 
     def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Rewrite the whole file (it is small): a resumed run never duplicates rows."""
-        tmp = self.metrics_path.with_name("metrics.csv.tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.metrics_path)
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                for row in rows:
+                    writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+
+        atomic_write(self.metrics_path, write)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1))

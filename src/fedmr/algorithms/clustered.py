@@ -38,7 +38,7 @@ from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
 from ..errors import ConfigError
 from ..maths import State
-from .base import TrainResult, check_range
+from .base import TrainResult
 from .client_state import ClientStore
 from .fedavg import FedAvg
 

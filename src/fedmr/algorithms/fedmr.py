@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..maths import draw_permutations, pool_mean, recombine_, replicate
+from ..maths import draw_permutations, recombine_, replicate
 from .base import check_range
 from .fedindep import FedIndep
 

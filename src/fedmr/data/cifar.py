@@ -10,7 +10,6 @@ file cannot run code.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import pickle
 import shutil
 import tarfile
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..fileio import file_digest
 from . import DataSet, normalization, register
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -115,14 +115,6 @@ def read_batches(folder: Path, files: tuple[str, ...], label_key: str, num_class
     return np.concatenate(images), np.concatenate(labels)
 
 
-def md5sum(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download(release: Release, target: Path) -> None:
     """Fetch the official archive to ``target`` (via a temporary name)."""
     tmp = target.with_name(target.name + ".part")
@@ -151,7 +143,7 @@ def locate(release: Release, data_dir: Path) -> Path:
     archive = data_dir / release.archive
     if not archive.is_file():
         download(release, archive)
-    found = md5sum(archive)
+    found = file_digest(archive, "md5")
     if found != release.md5:
         raise DataError(f"{release.title} archive {archive} fails its checksum (md5 {found}, expected {release.md5}): "
                         f"delete it and download it again")

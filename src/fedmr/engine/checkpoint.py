@@ -26,7 +26,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from ..fileio import atomic_write, file_digest, fsync_dir
 
 log = logging.getLogger("fedmr")
 
@@ -82,35 +83,6 @@ def _pause_for_tests() -> None:
         time.sleep(float(delay))
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` fills a temporary file; it is fsynced and renamed onto ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with tmp.open("rb+") as fh:
-        os.fsync(fh.fileno())
-    _pause_for_tests()
-    os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _json_sha256(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -120,8 +92,8 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> str:
     """Write ``tensors`` as safetensors atomically; returns the file's sha256."""
     path = Path(path)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, str(tmp)))
-    return file_sha256(path)
+    atomic_write(path, lambda tmp: save_file(cpu, str(tmp)), _pause_for_tests)
+    return file_digest(path)
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -129,7 +101,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu", sha256: s
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"tensor file not found: {path}")
-    if sha256 is not None and file_sha256(path) != sha256:
+    if sha256 is not None and file_digest(path) != sha256:
         raise CheckpointError(f"{path} does not match its recorded sha256 (truncated or corrupt)")
     try:
         return load_file(str(path), device=str(device))
@@ -191,8 +163,8 @@ def save_checkpoint(
     body = json.loads(json.dumps(body, default=_plain))  # numpy scalars -> numbers; hashed as read back
     manifest = directory / f"{stem}.json"
     text = json.dumps({**body, "manifest_sha256": _json_sha256(body)})
-    _atomic_write(manifest, lambda tmp: tmp.write_text(text))
-    _fsync_dir(directory)
+    atomic_write(manifest, lambda tmp: tmp.write_text(text), _pause_for_tests)
+    fsync_dir(directory)
     prune(directory, keep)
     return manifest
 
