@@ -236,7 +236,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Draw exactly the partition ``fedmr run`` draws for this config and save it, with its summary."""
     from .data import load_dataset
-    from .partition import format_summary, make_partition, summarize, to_json
+    from .partition import config_json, format_summary, make_partition, summarize
     from .fileio import atomic_write_text
 
     cfg = load_config(args.config, args.assignments)
@@ -244,8 +244,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     labels = data.train_y.numpy()
     parts = make_partition(cfg, labels, data.natural_partition)
     summary = summarize(parts, labels, data.num_classes)
-    kind = cfg["partition"]
-    doc = to_json(parts, dataset=cfg["dataset"], kind=kind, alpha=cfg["alpha"] if kind == "dirichlet" else None)
+    doc = config_json(parts, cfg)
     doc["seed"] = cfg["seed"]
     doc["summary"] = summary
     out = Path(args.out)
@@ -256,8 +255,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo}
-COMMANDS.update(data=cmd_data, partition=cmd_partition)
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,6 +112,12 @@ def to_json(parts: Partition, *, dataset: str, kind: str, alpha: float | None) -
     }
 
 
+def config_json(parts: Partition, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The partition file of a run, described by its config."""
+    kind = cfg["partition"]
+    return to_json(parts, dataset=cfg["dataset"], kind=kind, alpha=cfg["alpha"] if kind == "dirichlet" else None)
+
+
 def save_partition(path: str | Path, parts: Partition, *, dataset: str, kind: str, alpha: float | None) -> None:
     Path(path).write_text(json.dumps(to_json(parts, dataset=dataset, kind=kind, alpha=alpha)))
 

@@ -25,7 +25,7 @@ from ..data import DataSet, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..maths import State
 from ..models import build_model
-from ..partition import Partition, make_partition, summarize, format_summary, to_json
+from ..partition import Partition, config_json, format_summary, make_partition, summarize
 from ..results import RunWriter, summarize_metrics
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state, evaluate
@@ -99,6 +99,12 @@ class RunOutcome:
     stopped_after: int | None = None  # set when a signal stopped the run after this many rounds
 
 
+def write_run_header(writer: RunWriter, cfg: dict[str, Any], exp: Experiment) -> None:
+    """config.toml, partition.json and its summary: what every results folder starts with."""
+    writer.write_config(cfg)
+    writer.write_partition(config_json(exp.partition, cfg), exp.partition_summary)
+
+
 def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) -> set[int]:
     """The selected clients that fail this round: round(rate * K) of them, drawn from their own stream."""
     count = min(len(clients), math.floor(rate * len(clients) + 0.5))
@@ -162,13 +168,8 @@ class Simulation:
 
     # ---- the whole run -----------------------------------------------------------------
     def _write_header(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.write_config(self.cfg)
-        kind = self.cfg["partition"]
-        doc = to_json(self.exp.partition, dataset=self.cfg["dataset"], kind=kind,
-                      alpha=self.cfg["alpha"] if kind == "dirichlet" else None)
-        self.writer.write_partition(doc, self.exp.partition_summary)
+        if self.writer is not None:
+            write_run_header(self.writer, self.cfg, self.exp)
 
     def _restore(self) -> tuple[int, float]:
         """When resuming, load the newest usable checkpoint: (rounds already done, seconds they took)."""

@@ -12,9 +12,8 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import Algorithm, build_algorithm
-from ..engine.simulator import Experiment, prepare
+from ..engine.simulator import Experiment, prepare, write_run_header
 from ..errors import ConfigError
-from ..partition import to_json
 from ..results import RunWriter, summarize_metrics
 from ..training import evaluate
 from .strategy import AlgorithmStrategy
@@ -55,15 +54,6 @@ class CentralEvaluation:
         return MetricRecord({"accuracy": acc, "loss": loss})
 
 
-def write_header(writer: RunWriter, exp: Experiment) -> None:
-    """config.toml and partition.json, as ``fedmr run`` writes them."""
-    cfg = exp.cfg
-    writer.write_config(cfg)
-    doc = to_json(exp.partition, dataset=cfg["dataset"], kind=cfg["partition"],
-                  alpha=cfg["alpha"] if cfg["partition"] == "dirichlet" else None)
-    writer.write_partition(doc, exp.partition_summary)
-
-
 def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Prepare the experiment exactly as ``fedmr run`` does, then let Flower drive the rounds."""
     run = split_run_config(run_config)
@@ -73,7 +63,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     exp = prepare(run.cfg)
     out = results_dir(run)
     writer = RunWriter(out)
-    write_header(writer, exp)
+    write_run_header(writer, exp.cfg, exp)
     algorithm = build_algorithm(run.cfg, exp.federation)
     algorithm.setup(exp.initial_state)
     strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
