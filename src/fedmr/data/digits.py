@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataSet, as_images, register
+from . import DataSet, normalization, register
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed, independent of the run's seed, so partition files stay valid
@@ -33,12 +33,15 @@ def load_digits(cfg: Mapping[str, Any]) -> DataSet:
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     n_test = int(round(TEST_FRACTION * len(labels)))
     test, train = order[:n_test], np.sort(order[n_test:])
-    x = torch.from_numpy(images / 16.0 * 2.0 - 1.0)
-    x = x.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)
+    pixels = images.repeat(4, axis=2).repeat(4, axis=3).transpose(0, 2, 3, 1)  # (N, 32, 32, 1) in 0..16
+    affine = normalization.resolve(cfg.get("normalization", "auto"), "cifar10", 1)
     y = torch.from_numpy(labels)
+    test = np.sort(test)
     return DataSet(
         name="digits",
-        train_x=as_images(x[train]), train_y=y[train],
-        test_x=as_images(x[np.sort(test)]), test_y=y[np.sort(test)],
-        num_classes=10, classes=[str(d) for d in range(10)], default_model="cnn",
+        train_x=normalization.to_tensor(pixels[train], affine, scale=1 / 16),
+        train_y=y[train],
+        test_x=normalization.to_tensor(pixels[test], affine, scale=1 / 16),
+        test_y=y[test],
+        num_classes=10, classes=[str(d) for d in range(10)], default_model="cnn", normalization=affine,
     )
