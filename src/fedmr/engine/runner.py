@@ -20,6 +20,8 @@ from ..errors import ConfigError
 from ..seeding import derive_seed, torch_generator
 from ..training import LocalSettings
 
+log = logging.getLogger("fedmr")
+
 
 class ClientData:
     """Each client's slice of the resident training tensors, gathered by index on demand."""
@@ -67,9 +69,6 @@ class SequentialRunner:
 
     def close(self) -> None:
         pass
-
-
-log = logging.getLogger("fedmr")
 
 
 def resolve_workers(value: int | str, device: torch.device, clients_per_round: int) -> tuple[int, int]:
