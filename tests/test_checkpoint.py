@@ -238,10 +238,4 @@ def test_derived_streams_make_a_round_independent_of_what_ran_before(tmp_path):
     assert all(torch.equal(after[k], expected[k]) for k in expected)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

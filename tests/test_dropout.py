@@ -110,10 +110,4 @@ def test_dropout_rate_must_be_below_one():
         load_config(None, ["dropout_rate=1"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

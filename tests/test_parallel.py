@@ -20,13 +20,7 @@ from fedmr.models import CNN
 from fedmr.training import LocalSettings, clone_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers, which cost the most on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = ["num_clients=8", "clients_per_round=4", "rounds=1", "local_epochs=1", "eval_every=1"]
 

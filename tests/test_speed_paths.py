@@ -16,12 +16,7 @@ from fedmr.models import CNN
 from fedmr.training import LocalSettings, batch_slices, train_sgd
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_sgd_is_the_plain_index_batch_loop():

@@ -168,10 +168,4 @@ def test_update_problem_accepts_a_sound_update_within_the_norm():
     assert update_problem(TrainResult(0, 0, {"w": [[0.0]] * 2, "steps": torch.tensor(1)}, 1), reference) == "'w' is not a tensor"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models train fastest on one thread (no OpenMP barriers); restored for other modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,13 +14,7 @@ from fedmr.models import CNN, ResNet20
 from fedmr.training import LocalSettings, clone_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP barriers, which cost the most on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ragged on purpose: one batch, a trailing batch of one sample (dropped), several epochs' worth
 SIZES = [23, 7, 11, 16, 30]
