@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..maths import State
-from ..training import LocalSettings, clone_state, train_sgd
+from ..training import Hook, LocalSettings, LossFn, clone_state, cross_entropy, train_sgd
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,16 @@ class Algorithm:
     ) -> TrainResult:
         """Plain local SGD with cross-entropy from the task's state."""
         model.load_state_dict(task.state)
-        loss, _ = train_sgd(model, x, y, settings, generator)
-        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss)
+        return self.sgd_result(model, task, x, y, settings, generator)[0]
+
+    @staticmethod
+    def sgd_result(model: nn.Module, task: TrainTask, x: torch.Tensor, y: torch.Tensor, settings: LocalSettings,
+                   generator: torch.Generator, loss_fn: LossFn = cross_entropy,
+                   after_backward: Hook | None = None) -> tuple[TrainResult, int]:
+        """The local step every method shares once its hooks are built: the spec's SGD on the
+        already loaded model, then (result, steps taken)."""
+        loss, steps = train_sgd(model, x, y, settings, generator, loss_fn=loss_fn, after_backward=after_backward)
+        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss), steps
 
 
 def check_range(section: str, options: Mapping[str, Any], key: str, low: float, high: float,

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..maths import State
 from ..seeding import derive_seed
-from ..training import LocalSettings, LossFn, clone_state, cross_entropy, train_sgd
+from ..training import LocalSettings, LossFn, cross_entropy
 from .base import Federation, TrainResult, TrainTask, check_range, prefixed, unprefixed
 from .fedavg import FedAvg
 
@@ -255,5 +255,4 @@ class FedGen(FedAvg):
             noise_rng.manual_seed(derive_seed(seed & 0xFFFFFFFF, "fedgen-client", seed >> 32))
             loss_fn = fedgen_loss(gen, decayed(o["alpha"], o["decay"], round_idx), decayed(o["beta"], o["decay"], round_idx),
                                   o["gen_batch_size"], settings.batch_size, self.federation.num_classes, noise_rng)
-        loss, _ = train_sgd(model, x, y, settings, generator, loss_fn=loss_fn)
-        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss)
+        return self.sgd_result(model, task, x, y, settings, generator, loss_fn)[0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training import LocalSettings, LossFn, clone_state, cross_entropy, train_sgd
+from ..training import LocalSettings, LossFn, cross_entropy
 from .base import TrainResult, TrainTask, check_range
 from .fedavg import FedAvg
 
@@ -38,8 +38,7 @@ class FedProx(FedAvg):
                      settings: LocalSettings, generator: torch.Generator) -> TrainResult:
         model.load_state_dict(task.state)
         anchor = [p.detach().clone() for p in model.parameters()]
-        loss, _ = train_sgd(model, x, y, settings, generator, loss_fn=proximal_loss(self.options["mu"], anchor))
-        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss)
+        return self.sgd_result(model, task, x, y, settings, generator, proximal_loss(self.options["mu"], anchor))[0]
 
     def round_metrics(self) -> dict[str, float]:
         return {"client_state_mb": 0.0}  # nothing is kept per client

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..maths import State
-from ..training import LocalSettings, LossFn, clone_state, train_sgd
+from ..training import LocalSettings, LossFn
 from .base import TrainResult, TrainTask, check_range, prefixed, unprefixed
 from .client_state import ClientStore
 from .fedavg import FedAvg
@@ -122,5 +122,4 @@ class Moon(FedAvg):
         previous = task.payload.get("previous")
         previous_model = frozen_copy(model, previous) if previous is not None else None
         loss_fn = moon_loss(global_model, previous_model, self.options["mu"], self.options["temperature"])
-        loss, _ = train_sgd(model, x, y, settings, generator, loss_fn=loss_fn)
-        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss)
+        return self.sgd_result(model, task, x, y, settings, generator, loss_fn)[0]

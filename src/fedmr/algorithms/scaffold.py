@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..maths import State
-from ..training import LocalSettings, clone_state, train_sgd
+from ..training import LocalSettings
 from .base import TrainResult, TrainTask, check_range, prefixed, unprefixed
 from .client_state import ClientStore
 from .fedavg import FedAvg
@@ -122,7 +122,8 @@ class Scaffold(FedAvg):
                 if grad is not None:
                     grad.add_(value)
 
-        loss, steps = train_sgd(model, x, y, settings, generator, after_backward=correct if correction else None)
+        result, steps = self.sgd_result(model, task, x, y, settings, generator,
+                                        after_backward=correct if correction else None)
         end = {k: p.detach() for k, p in params.items()}
-        new_c = option_two_variate(client_c, server_c, task.state, end, steps, settings.lr)
-        return TrainResult(task.client_id, task.slot, clone_state(model), int(y.shape[0]), loss, {"c_i": new_c})
+        result.payload = {"c_i": option_two_variate(client_c, server_c, task.state, end, steps, settings.lr)}
+        return result
