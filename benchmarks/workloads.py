@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedmr.config import load_config
@@ -71,29 +72,93 @@ def median(values: list[float]) -> float:
 
 
 # ---- the reference-style loop (as the authors' code does it) --------------------------------
-def to_tensor_normalize(picture: Image.Image) -> torch.Tensor:
-    """What torchvision's ToTensor() + Normalize(mean, std) do to one PIL image (torchvision itself is
-    not a dependency): copy out the bytes, HWC -> CHW, scale to [0, 1], normalise."""
-    x = torch.from_numpy(np.array(picture, np.uint8, copy=True)).view(picture.size[1], picture.size[0], 3)
-    x = x.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
-    x = x.clone()  # Normalize(inplace=False) works on a copy
-    mean, std = torch.as_tensor(CIFAR_MEAN), torch.as_tensor(CIFAR_STD)
-    return x.sub_(mean[:, None, None]).div_(std[:, None, None])
+class ToTensor:
+    """torchvision's ToTensor() on a PIL RGB image, step by step (torchvision is not a dependency):
+    type check, copy out the bytes, HWC -> CHW, scale to [0, 1]."""
+
+    def __call__(self, picture: Image.Image) -> torch.Tensor:
+        if not isinstance(picture, Image.Image):
+            raise TypeError(f"picture should be a PIL image, got {type(picture)}")
+        dtype = torch.get_default_dtype()
+        x = torch.from_numpy(np.array(picture, np.uint8, copy=True))
+        x = x.view(picture.size[1], picture.size[0], len(picture.getbands()))
+        x = x.permute((2, 0, 1)).contiguous()
+        return x.to(dtype=dtype).div(255)
+
+
+class Normalize(nn.Module):
+    """torchvision's Normalize(mean, std): an nn.Module whose functional form checks its input, works
+    on a copy and converts mean and std to tensors (and checks std for zeros) on every call."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 3:
+            raise TypeError("Normalize needs a float image tensor (..., C, H, W)")
+        x = x.clone()
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device)
+        if (std == 0).any():
+            raise ValueError("std has a zero")
+        return x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+class Compose:
+    def __init__(self, steps: list[Callable]):
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+# the authors' CIFAR-10 transform: ToTensor, then Normalize with 0.5 for every channel
+AUTHORS_TRANSFORM = Compose([ToTensor(), Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
 
 class PerSampleImages(Dataset):
     """As torchvision's CIFAR10 behind the authors' DatasetSplit: one uint8 HWC image at a time,
-    made a PIL image, then turned into a normalised float tensor by the transform."""
+    made a PIL image, then turned into a normalised float tensor by the transform.
+    ``python -m benchmarks.reference_fidelity`` times this against the real torchvision pipeline."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int]):
-        self.images, self.labels, self.indices = images, labels, indices
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: list[int], transform: Callable = AUTHORS_TRANSFORM):
+        self.images, self.labels, self.indices, self.transform = images, labels, indices, transform
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         j = self.indices[i]
-        return to_tensor_normalize(Image.fromarray(self.images[j])), int(self.labels[j])
+        return self.transform(Image.fromarray(self.images[j])), int(self.labels[j])
+
+
+class TextbookCNN(nn.Module):
+    """The paper's CIFAR CNN written the usual way (conv -> ReLU -> MaxPool2d module), as the authors'
+    code and most FL code bases define it.  The reference loop trains this one, so that speed-ups in
+    ``fedmr.models.CNN`` (pooling before the ReLU) count for the simulator and not for the baseline;
+    tests/test_speed_paths.py checks the two compute the same values and gradients."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def reference_model(model_name: str) -> nn.Module:
+    return TextbookCNN() if model_name == "cnn" else build_model(model_name, 10, 3, 32)
 
 
 class ReferenceFedMR:
@@ -101,13 +166,16 @@ class ReferenceFedMR:
 
     def __init__(self, model_name: str, images: np.ndarray, labels: np.ndarray, work: Round, seed: int = 0):
         torch.manual_seed(seed)
-        self.net = build_model(model_name, 10, 3, 32)
+        self.net = reference_model(model_name)
         self.images, self.labels, self.work = images, labels, work
         self.w_locals = [copy.deepcopy(self.net.state_dict()) for _ in range(work.clients)]
         self.splits = [list(range(c * work.samples, (c + 1) * work.samples)) for c in range(work.clients)]
 
+    def client_dataset(self, indices: list[int]) -> Dataset:
+        return PerSampleImages(self.images, self.labels, indices)
+
     def local_train(self, net, indices: list[int]):
-        loader = DataLoader(PerSampleImages(self.images, self.labels, indices), batch_size=self.work.batch, shuffle=True)
+        loader = DataLoader(self.client_dataset(indices), batch_size=self.work.batch, shuffle=True)
         optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.5)
         net.train()
         epoch_loss = []

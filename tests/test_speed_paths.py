@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_train_sgd_is_the_plain_index_batch_loop():
-    """One gather per epoch must not change a single number against indexing each batch."""
+    """train_sgd must not change a single number against the plain loop that indexes each batch."""
     torch.manual_seed(0)
     x = torch.randn(23, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (23,))
@@ -102,3 +102,27 @@ def test_the_benchmark_workloads_run_and_count_the_papers_flops():
     start = {k: v.clone() for k, v in model.state_dict().items()}
     bare_round(model, start, data.train_x, data.train_y, tiny, seed=1)
     assert not torch.equal(model.state_dict()["fc3.weight"], start["fc3.weight"])
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_the_cnn_is_the_textbook_cnn_bit_for_bit(memory_format):
+    """fedmr's CNN pools before the ReLU (faster); values and gradients must equal the usual
+    conv -> ReLU -> pool definition exactly, ties in the pooling windows included."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.workloads import TextbookCNN
+
+    torch.manual_seed(0)
+    ours, textbook = CNN(), TextbookCNN()
+    textbook.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    x[:4, :, 4:20, 4:20] = 0.7  # flat patches: equal activations, so every pooling window has ties
+    x[4:, :, :, 10:] = -3.0  # mostly negative pre-activations: whole windows at ReLU's zero
+    x = x.contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (8,))
+    ours, textbook = ours.to(memory_format=memory_format), textbook.to(memory_format=memory_format)
+    out_ours, out_textbook = ours(x), textbook(x)
+    assert torch.equal(out_ours, out_textbook)
+    F.cross_entropy(out_ours, y).backward()
+    F.cross_entropy(out_textbook, y).backward()
+    for (name, p), q in zip(ours.named_parameters(), textbook.parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -38,8 +38,11 @@ class CNN(FLModel):
         self.fc3 = nn.Linear(84, num_classes)
 
     def features(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        # The paper's order is conv -> ReLU -> pool.  ReLU is monotone, so pooling first gives the same
+        # values and the same gradients (tests/test_models.py checks it bit for bit) with a quarter of
+        # the ReLU work; measured 2-3% of a training step on the test CPU.
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))
         x = torch.flatten(x, 1)
         return F.relu(self.fc2(F.relu(self.fc1(x))))
 
