@@ -51,11 +51,13 @@ class Scripted(FedAvg):
     """A task's payload may ask its client to sleep or to raise."""
 
     def local_update(self, model, task, x, y, settings, generator):
+        started = time.monotonic()  # one clock for every process on the machine
         time.sleep(task.payload.get("sleep", 0))
         if task.payload.get("fail"):
             raise ValueError("scripted failure")
         result = super().local_update(model, task, x, y, settings, generator)
         result.payload["pid"] = os.getpid()
+        result.payload["started"] = started
         return result
 
 
@@ -85,6 +87,26 @@ def test_a_client_past_the_timeout_is_dropped_and_the_pool_recovers(caplog):
         assert [r.client_id for r in runner.run(1, tasks[:1] + tasks[2:])] == [0, 2, 3]
     finally:
         runner.close()
+
+
+def test_workers_take_the_largest_clients_first_and_results_keep_task_order():
+    torch.manual_seed(0)
+    sizes = [3, 12, 6, 9]
+    x = torch.randn(30, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    cuts = [0, 3, 15, 21, 30]
+    data = ClientData(x, torch.randint(0, 10, (30,)), [list(range(cuts[i], cuts[i + 1])) for i in range(4)])
+    assert data.sizes() == sizes
+    algorithm = Scripted({}, Federation(4, 4, tuple(sizes), 10, 1))
+    model = CNN()
+    tasks = [TrainTask(c, c, clone_state(model), {}) for c in range(4)]
+    runner = ProcessPoolRunner(algorithm, model, data, LocalSettings(epochs=1, batch_size=5), seed=1, workers=1)
+    try:
+        results = list(runner.run(0, tasks))
+    finally:
+        runner.close()
+    assert [r.client_id for r in results] == [0, 1, 2, 3]
+    trained = sorted(results, key=lambda r: r.payload["started"])
+    assert [r.client_id for r in trained] == [1, 3, 2, 0]
 
 
 def test_a_failing_client_raises_and_close_stops_every_worker():
