@@ -47,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", metavar="N", type=int,
                      help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model")
-    compare.add_argument("--algorithms", required=True,
+    compare.add_argument("--algorithms",
                          help="comma-separated names; a variant adds @key=value, e.g. fedmr@first_stage_rounds=50")
     _common(compare)
+    compare.add_argument("--resume", metavar="DIR",
+                         help="continue the comparison in DIR: finished runs are kept, the unfinished one goes on from "
+                              "its last good checkpoint (uses DIR/config.toml and DIR/compare.json; --set may extend rounds)")
+    compare.add_argument("--checkpoint-every", metavar="N", type=int,
+                         help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
     demo = sub.add_parser("demo", help="compare FedAvg and FedMR on the embedded digits data (about a minute)")
     _common(demo)
     _add_data_commands(sub)
@@ -143,13 +148,10 @@ def _stop_on_signals(simulation: Any):
             signal.signal(sig, old)
 
 
-def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progress: str) -> dict[str, dict[str, Any]]:
-    """Run each variant on one prepared experiment (same data, partition, seed, initial model)."""
-    from .engine import Simulation, prepare
-    from .partition import format_summary
-    from .fileio import atomic_write_text
-    from .results import comparison_table, plot_curves
+COMPARE_FILE = "compare.json"  # the variants of a comparison, beside its base config.toml
 
+
+def _variants(cfg: dict[str, Any], specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
     variants = []
     for spec in specs:
         name, options = parse_variant(spec)
@@ -161,34 +163,113 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progres
     labels = [spec for spec, _ in variants]
     if len(set(labels)) != len(labels):
         raise ConfigError("--algorithms lists the same variant twice")
-    out.mkdir(parents=True, exist_ok=True)
+    return variants
+
+
+def _finished(folder: Path, rounds: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """A variant's (summary, metrics rows) when its folder holds a run completed to ``rounds``."""
+    from .results import read_metrics
+
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        if summary.get("rounds") != rounds:
+            return None
+        return summary, read_metrics(folder / "metrics.csv")
+    except (OSError, ValueError, AttributeError):
+        return None  # not finished, or its files are damaged: the run resumes from its checkpoint
+
+
+def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progress: str,
+                   resume: bool = False) -> tuple[dict[str, dict[str, Any]], int]:
+    """Run each variant on one prepared experiment (same data, partition, seed, initial model).
+    Every variant checkpoints in its own folder, so a crashed or stopped comparison resumes: finished
+    variants are read back, the interrupted one continues from its checkpoint.  Returns (summaries,
+    the signal that stopped it, or 0)."""
+    from .config import to_toml
+    from .engine import Simulation, prepare
+    from .partition import format_summary
+    from .fileio import atomic_write_text
+    from .results import comparison_table, plot_curves
+
+    variants = _variants(cfg, specs)
+    if not resume and (out / COMPARE_FILE).exists():
+        raise ConfigError(f"output folder {out} already holds a comparison; choose another --out or "
+                          f"resume it with: fedmr compare --resume {shlex.quote(str(out))}")
+    if not resume and (out / "config.toml").exists():
+        raise ConfigError(f"output folder {out} already holds a run; choose another --out")
     exp = prepare(cfg)
     print(format_summary(exp.partition_summary), file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.toml", to_toml(cfg))
+    atomic_write_text(out / COMPARE_FILE, json.dumps({"algorithms": list(specs)}, indent=1))
     summaries: dict[str, dict[str, Any]] = {}
     curves: dict[str, list[dict[str, Any]]] = {}
     for spec, variant_cfg in variants:
-        exp.cfg = variant_cfg
         folder = out / spec.replace("@", "_").replace("=", "-")
-        outcome = Simulation(exp, out_dir=folder, progress=progress, label=spec).run()
+        done = _finished(folder, variant_cfg["rounds"]) if resume else None
+        if done is not None:
+            print(f"[{spec}] finished earlier: {folder}", file=sys.stderr)
+            summaries[spec], curves[spec] = done
+            continue
+        exp.cfg = variant_cfg
+        simulation = Simulation(exp, out_dir=folder, progress=progress, label=spec,
+                                resume=resume and (folder / "config.toml").exists())
+        with _stop_on_signals(simulation):
+            outcome = simulation.run()
+        if outcome.stopped_after is not None:
+            return summaries, int(simulation.stop_requested)
         summaries[spec], curves[spec] = outcome.summary, outcome.rows
-    title = (f"{cfg['dataset']}, {cfg['num_clients']} clients, "
-             + (f"Dirichlet alpha={cfg['alpha']}" if cfg["partition"] == "dirichlet" else cfg["partition"])
-             + f", seed {cfg['seed']}")
+    where = f"Dirichlet alpha={cfg['alpha']}" if cfg["partition"] == "dirichlet" else cfg["partition"]
+    title = f"{exp.data.name}, {cfg['num_clients']} clients, {where}, seed {cfg['seed']}"
     atomic_write_text(out / "comparison.md", f"# {title}\n\n" + comparison_table(summaries))
     atomic_write_text(out / "comparison.json", json.dumps(summaries, indent=1))
     plot_curves(curves, out / "accuracy.png", title)
-    return summaries
+    return summaries, 0
+
+
+def _saved_specs(out: Path) -> list[str]:
+    try:
+        specs = json.loads((out / COMPARE_FILE).read_text())["algorithms"]
+        if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
+            raise ValueError("no list of algorithms")
+        return specs
+    except FileNotFoundError:
+        raise CheckpointError(f"no comparison to resume in {out} (no {COMPARE_FILE}); start it with: "
+                              f"fedmr compare --algorithms ... --out {shlex.quote(str(out))}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{out / COMPARE_FILE} is damaged ({exc}); it should read "
+                              '{"algorithms": ["fedavg", "fedmr"]}') from None
 
 
 def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from .results import comparison_table
 
-    cfg = load_config(args.config, [*extra, *args.assignments])
-    specs = [s for s in args.algorithms.split(",") if s.strip()]
-    if not specs:
-        raise ConfigError("--algorithms is empty")
-    out = Path(args.out or f"runs/compare-{cfg['dataset']}-{_timestamp()}")
-    summaries = run_comparison(cfg, specs, out, _progress(args))
+    assignments = list(args.assignments)
+    if getattr(args, "checkpoint_every", None) is not None:
+        assignments.append(f"checkpoint_every={args.checkpoint_every}")
+    resume = getattr(args, "resume", None)
+    if resume:
+        if args.config or args.out or args.algorithms:
+            raise ConfigError("--resume DIR takes its config and algorithms from DIR and writes to DIR; "
+                              "drop --config/--out/--algorithms")
+        out = Path(resume)
+        specs = _saved_specs(out)
+        if not (out / "config.toml").is_file():
+            raise CheckpointError(f"no comparison to resume in {out} (no config.toml)")
+        cfg = load_config(out / "config.toml", assignments)
+    else:
+        if not args.algorithms:
+            raise ConfigError("compare needs --algorithms (e.g. --algorithms fedavg,fedmr) or --resume DIR")
+        cfg = load_config(args.config, [*extra, *assignments])
+        specs = [s.strip() for s in args.algorithms.split(",") if s.strip()]
+        if not specs:
+            raise ConfigError("--algorithms is empty")
+        out = Path(args.out or f"runs/compare-{cfg['dataset']}-{_timestamp()}")
+    summaries, stopped = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
+    if stopped:
+        print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
+              f"resume with: fedmr compare --resume {shlex.quote(str(out))}", file=sys.stderr)
+        return 128 + stopped
     print(comparison_table(summaries), end="")
     print(f"table: {out / 'comparison.md'}\nplot:  {out / 'accuracy.png'}")
     return 0

@@ -145,12 +145,21 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> DataSet:
     channels = arrays["train_x"].shape[3]
     affine = normalization.resolve(cfg.get("normalization", "auto"), DEFAULT_NORMALIZATION, channels)
     return DataSet(
-        name="imagefolder",
+        name=source_name(source),
         train_x=normalization.to_tensor(arrays["train_x"], affine), train_y=_labels(arrays["train_y"]),
         test_x=normalization.to_tensor(arrays["test_x"], affine), test_y=_labels(arrays["test_y"]),
         num_classes=len(meta["classes"]), classes=list(meta["classes"]), default_model="cnn",
         normalization=affine,
     )
+
+
+def source_name(source: Path) -> str:
+    """What plots and logs call the data: the folder or archive name (cifar10-jpg.tar.gz -> cifar10-jpg)."""
+    name = source.resolve().name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _labels(y: np.ndarray) -> torch.Tensor:
