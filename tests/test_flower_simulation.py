@@ -101,6 +101,25 @@ def test_fedavg_sends_one_model_and_survives_failing_clients(simulation):
     assert float(rows[2]["accuracy"]) > 0  # the average stayed finite
 
 
+def test_a_flower_run_resumes_from_its_checkpoint(simulation, tmp_path):
+    """Two rounds, then `flower.resume` with rounds = 3: the metrics of one uninterrupted run (the
+    simulator's, which the Flower run matches above), the third round sent as round 3."""
+    out = flower_sim(simulation, "resumed", algorithm="fedmr", rounds=2)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["round-000001.json", "round-000002.json"]
+    flower_sim(simulation, "resumed", algorithm="fedmr", rounds=3, **{"flower.resume": True})
+    cfg = load_config(assignments=[f"{k}={json.dumps(v)}" for k, v in {**SMALL, "algorithm": "fedmr"}.items()])
+    reference = run_experiment(cfg, out_dir=tmp_path / "sim", progress="none")
+    rows = metrics(out)
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    for ours, theirs in zip(rows, reference.rows):
+        assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
+        assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
+    # rounds 1 and 2 were sent once: the second run went on from the checkpoint, it did not start over
+    assert {r: len(m) for r, m in sent(out).items()} == {1: 4, 2: 4, 3: 4}
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 3
+    assert (out / "model.safetensors").exists()
+
+
 def test_nothing_listened_outside_loopback(simulation):
     _, _, procs = simulation
     assert procs.listening, "the watcher saw no listening socket at all"

@@ -1,5 +1,6 @@
 """The Flower ServerApp: the fedmr algorithm behind an ``AlgorithmStrategy``, the global model
-evaluated on the server every ``eval_every`` rounds, results in the folder layout of ``fedmr run``."""
+evaluated on the server every ``eval_every`` rounds, results and checkpoints in the folder layout of
+``fedmr run``; ``flower.resume = true`` continues a run from its last good checkpoint."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import Algorithm, build_algorithm
+from ..engine.checkpoint import fingerprint, latest_checkpoint, save_checkpoint, save_tensors
 from ..engine.simulator import Experiment, prepare, write_run_header
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..results import RunWriter, summarize_metrics
 from ..training import evaluate
 from .strategy import AlgorithmStrategy
@@ -30,28 +32,56 @@ def results_dir(run: FlowerRunConfig) -> Path:
 
 
 class CentralEvaluation:
-    """The strategy's ``evaluate_fn``: the algorithm's global model (FedMR: the pool mean) on the
-    test set every ``eval_every`` rounds and after the last, one metrics row each, written as it goes."""
+    """The strategy's ``evaluate_fn``, called after every round: the algorithm's global model (FedMR:
+    the pool mean) on the test set every ``eval_every`` rounds and after the last, one metrics row
+    each, written as it goes; a checkpoint every ``checkpoint_every`` rounds (default: at every
+    evaluation) and after the last, exactly as ``fedmr run`` writes them."""
 
-    def __init__(self, exp: Experiment, algorithm: Algorithm, strategy: AlgorithmStrategy, writer: RunWriter):
+    def __init__(self, exp: Experiment, algorithm: Algorithm, strategy: AlgorithmStrategy, writer: RunWriter,
+                 run_fingerprint: dict[str, Any], rows: list[dict[str, Any]], elapsed_before: float = 0.0):
         self.exp, self.algorithm, self.strategy, self.writer = exp, algorithm, strategy, writer
+        self.fingerprint = run_fingerprint
         self.model = exp.new_model()
         self.rounds, self.every = exp.cfg["rounds"], exp.cfg["eval_every"]
-        self.rows: list[dict[str, Any]] = []
-        self.start = time.perf_counter()
+        self.checkpoint_every = exp.cfg.get("checkpoint_every") or self.every
+        self.rows = rows
+        self.start = time.perf_counter() - elapsed_before
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0 or (server_round % self.every and server_round != self.rounds):
+        if server_round == 0:
             return None
-        self.model.load_state_dict(self.algorithm.global_state())
-        acc, loss = evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.exp.cfg["test_batch_size"])
-        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss, **self.strategy.last_round,
-                               "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
-                               "elapsed_s": time.perf_counter() - self.start}
-        self.rows.append(row)
-        self.writer.write_metrics(self.rows)
-        log.info("round %d: accuracy %.4f loss %.4f", server_round, acc, loss)
-        return MetricRecord({"accuracy": acc, "loss": loss})
+        done = self.strategy.rounds_before + server_round  # rounds of the whole run so far
+        record = None
+        if done % self.every == 0 or done == self.rounds:
+            self.model.load_state_dict(self.algorithm.global_state())
+            acc, loss = evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.exp.cfg["test_batch_size"])
+            row: dict[str, Any] = {"round": done, "accuracy": acc, "loss": loss, **self.strategy.last_round,
+                                   "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
+                                   "elapsed_s": time.perf_counter() - self.start}
+            self.rows.append(row)
+            self.writer.write_metrics(self.rows)
+            log.info("round %d: accuracy %.4f loss %.4f", done, acc, loss)
+            record = MetricRecord({"accuracy": acc, "loss": loss})
+        if done % self.checkpoint_every == 0 or done == self.rounds:
+            save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows,
+                            time.perf_counter() - self.start, self.fingerprint)
+        return record
+
+
+def restore(out: Path, exp: Experiment, algorithm: Algorithm, run_fingerprint: dict[str, Any]) -> tuple[int, list, float]:
+    """(rounds done, metrics rows, seconds) of the run in ``out``, its server state loaded into
+    ``algorithm``; as ``fedmr run --resume`` does, including the refusal of another run's checkpoint."""
+    ckpt = latest_checkpoint(out, run_fingerprint, exp.device)
+    if ckpt is None:
+        log.warning("no checkpoint in %s yet: starting from round 1", out)
+        return 0, [], 0.0
+    if ckpt.rounds_done > exp.cfg["rounds"]:
+        raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
+                              f"{exp.cfg['rounds']}; resume with rounds={ckpt.rounds_done} or more")
+    algorithm.load_server_state(ckpt.server_state)
+    ckpt.restore_generators()
+    log.info("resuming %s after round %d from %s", out, ckpt.rounds_done, ckpt.path.name)
+    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s
 
 
 def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
@@ -60,21 +90,29 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     if run.cfg.get("dropout_rate", 0.0) > 0:
         raise ConfigError("dropout_rate is the simulator's stand-in for failing clients; on Flower keep it 0 "
                           "(real SuperNodes fail by themselves, and flower.faults injects failures)")
+    resume = bool(run.flower["resume"])
+    if resume and not run.flower["out"]:
+        raise ConfigError("flower.resume needs flower.out: the folder of the run to continue")
     exp = prepare(run.cfg)
     out = results_dir(run)
-    writer = RunWriter(out)
-    write_run_header(writer, exp.cfg, exp)
+    writer = RunWriter(out, resume=resume)
     algorithm = build_algorithm(run.cfg, exp.federation)
     algorithm.setup(exp.initial_state)
+    run_fingerprint = fingerprint(exp.cfg, exp.partition, exp.initial_state)
+    rounds_before, rows, elapsed = restore(out, exp, algorithm, run_fingerprint) if resume else (0, [], 0.0)
+    write_run_header(writer, exp.cfg, exp)  # after the checkpoint is accepted, as fedmr run does
     strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
                                  max_update_norm=float(run.cfg["max_update_norm"]),
                                  node_wait=float(run.flower["node_wait"]),
-                                 message_log=out / "messages.jsonl" if run.flower["log_messages"] else None)
-    evaluation = CentralEvaluation(exp, algorithm, strategy, writer)
-    strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in exp.initial_state.items()}),
-                   num_rounds=run.cfg["rounds"], timeout=float(run.flower["round_timeout"]),
-                   evaluate_fn=evaluation)
+                                 message_log=out / "messages.jsonl" if run.flower["log_messages"] else None,
+                                 rounds_before=rounds_before)
+    evaluation = CentralEvaluation(exp, algorithm, strategy, writer, run_fingerprint, rows, elapsed)
+    if rounds_before < run.cfg["rounds"]:
+        strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in algorithm.global_state().items()}),
+                       num_rounds=run.cfg["rounds"] - rounds_before, timeout=float(run.flower["round_timeout"]),
+                       evaluate_fn=evaluation)
     wall = time.perf_counter() - evaluation.start
+    save_tensors(out / "model.safetensors", algorithm.global_state())
     writer.write_summary({"algorithm": run.cfg["algorithm"], "dataset": run.cfg["dataset"], "model": exp.model_name,
                           "engine": "flower", **summarize_metrics(evaluation.rows, wall, run.cfg["rounds"])})
     log.info("results in %s", out)

@@ -41,12 +41,14 @@ def state_digest(state: Mapping[str, Any]) -> str:
 
 
 class AlgorithmStrategy(Strategy):
-    """Flower round n (1-based) is the algorithm's round n - 1."""
+    """Flower round n (1-based) is the algorithm's round ``rounds_before + n - 1``: a resumed run's
+    Flower rounds start again at 1, its algorithm rounds go on where the checkpoint left them."""
 
     def __init__(self, algorithm: Algorithm, *, seed: int, reference: State, max_update_norm: float = 0.0,
-                 node_wait: float = 120.0, message_log: Path | None = None):
+                 node_wait: float = 120.0, message_log: Path | None = None, rounds_before: int = 0):
         self.algorithm = algorithm
         self.seed = seed
+        self.rounds_before = rounds_before
         self.reference = reference  # keys, shapes and dtypes every reply must match
         self.max_update_norm = max_update_norm
         self.node_wait = node_wait
@@ -89,7 +91,7 @@ class AlgorithmStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         if not self.node_of:
             self.discover(grid)
-        round_idx = server_round - 1
+        round_idx = self.rounds_before + server_round - 1
         clients = self.algorithm.select_clients(round_idx, numpy_rng(self.seed, "select", round_idx))
         self.tasks = self.algorithm.configure_train(round_idx, clients)
         self.sent = [Message(encode_task(task, round_idx), dst_node_id=self.node_of[task.client_id],
@@ -97,7 +99,7 @@ class AlgorithmStrategy(Strategy):
         if self.message_log is not None:
             with self.message_log.open("a") as fh:
                 for task, msg in zip(self.tasks, self.sent):
-                    fh.write(json.dumps({"round": server_round, "node": msg.metadata.dst_node_id, "client": task.client_id,
+                    fh.write(json.dumps({"round": round_idx + 1, "node": msg.metadata.dst_node_id, "client": task.client_id,
                                          "slot": task.slot, "sha256": state_digest(task.state)}) + "\n")
         return self.sent
 
@@ -134,7 +136,7 @@ class AlgorithmStrategy(Strategy):
         return update_problem(result, self.reference, self.max_update_norm, self.tasks[result.slot].state), result
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        round_idx = server_round - 1
+        round_idx = self.rounds_before + server_round - 1
         results, refused, missing = self.accepted(round_idx, replies)
         losses = [r.train_loss for r in results]
         used = self.algorithm.aggregate_train(round_idx, iter(results), torch_generator(self.seed, "server", round_idx))

@@ -31,6 +31,7 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "node_wait": 120.0,  # seconds the server waits for the SuperNodes hosting every client to connect
     "log_messages": False,  # write <out>/messages.jsonl: who got which model (digest) each round
     "faults": "",  # test hook: "ROUND:SLOT:KIND,..." with KIND crash | nan | shape (see client_app)
+    "resume": False,  # continue the run in flower.out from its last good checkpoint (rounds may grow)
 }
 
 
