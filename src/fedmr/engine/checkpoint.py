@@ -267,3 +267,21 @@ def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | 
             f"delete {directory} to start the run over"
         )
     return None
+
+
+def resume_from_checkpoint(run_dir: str | Path, algorithm: Any, run_fingerprint: Mapping[str, Any], rounds: int,
+                           device: str | torch.device = "cpu") -> tuple[int, list[dict[str, Any]], float]:
+    """Load the newest usable checkpoint of ``run_dir`` into ``algorithm`` (and the global generators):
+    (rounds done, metrics rows so far, seconds they took); (0, [], 0.0) for a run killed before its
+    first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
+    ckpt = latest_checkpoint(run_dir, run_fingerprint, device)
+    if ckpt is None:
+        log.warning("no checkpoint in %s yet: starting from round 1", run_dir)
+        return 0, [], 0.0
+    if ckpt.rounds_done > rounds:
+        raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
+                              f"{rounds}; resume with --set rounds={ckpt.rounds_done} or more")
+    algorithm.load_server_state(ckpt.server_state)
+    ckpt.restore_generators()
+    log.info("resuming %s after round %d from %s", run_dir, ckpt.rounds_done, ckpt.path.name)
+    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s

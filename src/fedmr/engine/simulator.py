@@ -22,14 +22,14 @@ from tqdm import tqdm
 from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
 from ..algorithms.base import Algorithm
 from ..data import DataSet, load_dataset
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..maths import State
 from ..models import build_model
 from ..partition import Partition, config_json, format_summary, make_partition, summarize
 from ..results import RunWriter, summarize_metrics
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state, evaluate
-from .checkpoint import fingerprint, latest_checkpoint, save_checkpoint, save_tensors
+from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 from .runner import ClientData, make_runner
 from .validation import update_problem
 
@@ -177,18 +177,9 @@ class Simulation:
                             if self.writer is not None else None)
         if not self.resume or self.writer is None:
             return 0, 0.0
-        ckpt = latest_checkpoint(self.writer.dir, self.fingerprint, self.exp.device)
-        if ckpt is None:
-            log.warning("no checkpoint in %s yet: starting from round 1", self.writer.dir)
-            return 0, 0.0
-        if ckpt.rounds_done > self.cfg["rounds"]:
-            raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
-                                  f"{self.cfg['rounds']}; resume with --set rounds={ckpt.rounds_done} or more")
-        self.algorithm.load_server_state(ckpt.server_state)
-        ckpt.restore_generators()
-        self.rows = ckpt.rows
-        log.info("resuming %s after round %d from %s", self.writer.dir, ckpt.rounds_done, ckpt.path.name)
-        return ckpt.rounds_done, ckpt.elapsed_s
+        done, self.rows, elapsed = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint,
+                                                          self.cfg["rounds"], self.exp.device)
+        return done, elapsed
 
     def _checkpoint(self, rounds_done: int, elapsed_s: float) -> None:
         assert self.writer is not None and self.fingerprint is not None

@@ -13,9 +13,9 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import Algorithm, build_algorithm
-from ..engine.checkpoint import fingerprint, latest_checkpoint, save_checkpoint, save_tensors
+from ..engine.checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 from ..engine.simulator import Experiment, prepare, write_run_header
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..results import RunWriter, summarize_metrics
 from ..training import evaluate
 from .strategy import AlgorithmStrategy
@@ -68,22 +68,6 @@ class CentralEvaluation:
         return record
 
 
-def restore(out: Path, exp: Experiment, algorithm: Algorithm, run_fingerprint: dict[str, Any]) -> tuple[int, list, float]:
-    """(rounds done, metrics rows, seconds) of the run in ``out``, its server state loaded into
-    ``algorithm``; as ``fedmr run --resume`` does, including the refusal of another run's checkpoint."""
-    ckpt = latest_checkpoint(out, run_fingerprint, exp.device)
-    if ckpt is None:
-        log.warning("no checkpoint in %s yet: starting from round 1", out)
-        return 0, [], 0.0
-    if ckpt.rounds_done > exp.cfg["rounds"]:
-        raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
-                              f"{exp.cfg['rounds']}; resume with rounds={ckpt.rounds_done} or more")
-    algorithm.load_server_state(ckpt.server_state)
-    ckpt.restore_generators()
-    log.info("resuming %s after round %d from %s", out, ckpt.rounds_done, ckpt.path.name)
-    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s
-
-
 def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Prepare the experiment exactly as ``fedmr run`` does, then let Flower drive the rounds."""
     run = split_run_config(run_config)
@@ -99,7 +83,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     algorithm = build_algorithm(run.cfg, exp.federation)
     algorithm.setup(exp.initial_state)
     run_fingerprint = fingerprint(exp.cfg, exp.partition, exp.initial_state)
-    rounds_before, rows, elapsed = restore(out, exp, algorithm, run_fingerprint) if resume else (0, [], 0.0)
+    rounds_before, rows, elapsed = (resume_from_checkpoint(out, algorithm, run_fingerprint, run.cfg["rounds"], exp.device)
+                                    if resume else (0, [], 0.0))
     write_run_header(writer, exp.cfg, exp)  # after the checkpoint is accepted, as fedmr run does
     strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
                                  max_update_norm=float(run.cfg["max_update_norm"]),
