@@ -83,6 +83,7 @@ def test_compare_refuses_to_overwrite_and_bad_resumes(tmp_path, capsys, referenc
         (["compare", "--resume", str(tmp_path / "nothing")], "no comparison to resume"),
         (["compare", "--set", "rounds=2"], "compare needs --algorithms"),
     ]
+    cases.append((["compare", "--resume", str(reference), "--set", "lr=0.1"], "a resumed comparison keeps its config: 'lr'"))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "compare.json").write_text("{not json")

@@ -241,6 +241,17 @@ def _saved_specs(out: Path) -> list[str]:
                               '{"algorithms": ["fedavg", "fedmr"]}') from None
 
 
+def _refuse_other_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Finished variants are kept as they are, so a resumed comparison may only change what does not
+    change results (the keys a resumed run may change)."""
+    from .engine.checkpoint import RESUMABLE_CHANGES
+
+    for key in sorted(set(saved) | set(cfg)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != cfg.get(key):
+            raise ConfigError(f"a resumed comparison keeps its config: '{key}' was {saved.get(key)!r}, now "
+                              f"{cfg.get(key)!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
 def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from .results import comparison_table
 
@@ -257,6 +268,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         if not (out / "config.toml").is_file():
             raise CheckpointError(f"no comparison to resume in {out} (no config.toml)")
         cfg = load_config(out / "config.toml", assignments)
+        _refuse_other_changes(load_config(out / "config.toml", []), cfg)
     else:
         if not args.algorithms:
             raise ConfigError("compare needs --algorithms (e.g. --algorithms fedavg,fedmr) or --resume DIR")
