@@ -68,7 +68,23 @@ def flower_sim(simulation, name: str, **extra):
     return out
 
 
-def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, tmp_path):
+@pytest.fixture(scope="module")
+def simulator_fedmr(tmp_path_factory):
+    """The same FedMR run in the in-process simulator: what every Flower FedMR run must reproduce."""
+    cfg = load_config(assignments=[f"{k}={json.dumps(v)}" for k, v in {**SMALL, "algorithm": "fedmr"}.items()])
+    return run_experiment(cfg, out_dir=tmp_path_factory.mktemp("simulator") / "fedmr", progress="none")
+
+
+def assert_matches_simulator(out, reference) -> None:
+    rows = metrics(out)
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    for ours, theirs in zip(rows, reference.rows):
+        assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
+        assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
+        assert int(ours["clients"]) == theirs["clients"] == 4
+
+
+def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, simulator_fedmr):
     out = flower_sim(simulation, "fedmr", algorithm="fedmr")
     for name in ("config.toml", "partition.json", "partition_summary.json", "metrics.csv", "summary.json"):
         assert (out / name).exists(), name
@@ -76,17 +92,11 @@ def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, tmp_
     assert len(round2) == 4 and len({m["sha256"] for m in round2}) == 4, "FedMR must send 4 different models"
     assert len({m["client"] for m in round2}) == 4
 
-    cfg = load_config(assignments=[f"{k}={json.dumps(v)}" for k, v in {**SMALL, "algorithm": "fedmr"}.items()])
-    reference = run_experiment(cfg, out_dir=tmp_path / "sim", progress="none")
-    flower_rows = metrics(out)
-    assert [int(r["round"]) for r in flower_rows] == [1, 2, 3]
-    for ours, theirs in zip(flower_rows, reference.rows):
-        assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
-        assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
-        assert int(ours["clients"]) == theirs["clients"] == 4
-    assert (out / "partition.json").read_text() == (tmp_path / "sim" / "partition.json").read_text()
+    assert_matches_simulator(out, simulator_fedmr)
+    assert (out / "partition.json").read_text() == (simulator_fedmr.out_dir / "partition.json").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["engine"] == "flower" and summary["final_accuracy"] == pytest.approx(reference.summary["final_accuracy"])
+    assert summary["engine"] == "flower"
+    assert summary["final_accuracy"] == pytest.approx(simulator_fedmr.summary["final_accuracy"])
 
 
 def test_fedavg_sends_one_model_and_survives_failing_clients(simulation):
@@ -101,19 +111,13 @@ def test_fedavg_sends_one_model_and_survives_failing_clients(simulation):
     assert float(rows[2]["accuracy"]) > 0  # the average stayed finite
 
 
-def test_a_flower_run_resumes_from_its_checkpoint(simulation, tmp_path):
+def test_a_flower_run_resumes_from_its_checkpoint(simulation, simulator_fedmr):
     """Two rounds, then `flower.resume` with rounds = 3: the metrics of one uninterrupted run (the
     simulator's, which the Flower run matches above), the third round sent as round 3."""
     out = flower_sim(simulation, "resumed", algorithm="fedmr", rounds=2)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.json")) == ["round-000001.json", "round-000002.json"]
     flower_sim(simulation, "resumed", algorithm="fedmr", rounds=3, **{"flower.resume": True})
-    cfg = load_config(assignments=[f"{k}={json.dumps(v)}" for k, v in {**SMALL, "algorithm": "fedmr"}.items()])
-    reference = run_experiment(cfg, out_dir=tmp_path / "sim", progress="none")
-    rows = metrics(out)
-    assert [int(r["round"]) for r in rows] == [1, 2, 3]
-    for ours, theirs in zip(rows, reference.rows):
-        assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
-        assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
+    assert_matches_simulator(out, simulator_fedmr)
     # rounds 1 and 2 were sent once: the second run went on from the checkpoint, it did not start over
     assert {r: len(m) for r, m in sent(out).items()} == {1: 4, 2: 4, 3: 4}
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
