@@ -22,15 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedmr.config import load_config
-from fedmr.data import DataSet, as_images
+from fedmr.data import DataSet, normalization
 from fedmr.engine import Simulation, prepare
 from fedmr.maths import draw_permutations, pool_mean, recombine_, replicate, state_nbytes
 from fedmr.models import build_model
 from fedmr.training import batch_slices, clone_state
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-
 
 @dataclass(frozen=True)
 class Round:
@@ -50,13 +46,6 @@ class Round:
 def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n, dtype=np.int64)
-
-
-def normalised(images: np.ndarray) -> torch.Tensor:
-    """What the simulator keeps resident: normalised float32, channels_last."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
-    x = (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    return as_images(x)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -212,7 +201,9 @@ class ReferenceFedMR:
 
 # ---- the simulator ----------------------------------------------------------------------------
 def cifar_dataset(images: np.ndarray, labels: np.ndarray) -> DataSet:
-    x, y = normalised(images), torch.from_numpy(labels)
+    # what the simulator keeps resident: normalised as the paper's CIFAR-10 (and the reference loop's transform)
+    x = normalization.to_tensor(images, normalization.resolve("cifar10", "cifar10", 3))
+    y = torch.from_numpy(labels)
     return DataSet("cifar-like", x, y, x[:500], y[:500], 10, default_model="cnn")
 
 
