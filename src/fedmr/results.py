@@ -44,14 +44,15 @@ class RunWriter:
         atomic_write_text(self.dir / "partition.json", json.dumps(document))
         atomic_write_text(self.dir / "partition_summary.json", json.dumps(summary, indent=1))
 
-    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Rewrite the whole file (it is small): a resumed run never duplicates rows."""
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
+        """Rewrite the whole file (it is small): a resumed run never duplicates rows.  ``columns``:
+        the header (the engine's recorder adds a front end's extra columns after the standard ones)."""
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
                 writer.writeheader()
                 for row in rows:
-                    writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+                    writer.writerow({k: _fmt(row.get(k)) for k in columns})
 
         atomic_write(self.metrics_path, write)
 

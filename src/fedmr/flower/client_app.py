@@ -1,5 +1,5 @@
 """The Flower ClientApp: answers the server's partition query and trains one task with the
-algorithm's own ``local_update`` (through ``engine.runner.train_client``, the simulator's path)."""
+algorithm's own ``local_update`` (through ``engine.client.train_client``, the simulator's path)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..algorithms import build_algorithm
-from ..engine.runner import ClientData, train_client
+from ..engine.client import ClientData, train_client
 from ..errors import PartitionError
 from ..training import LocalSettings
 from .task import cached_experiment, config_key, decode_task, encode_result, hosts
