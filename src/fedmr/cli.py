@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import load_config, validate
+from .config import algorithm_help, load_config, validate
 from .errors import ConfigError, FedMRError
 
 DEMO_SETTINGS = [
@@ -37,13 +37,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmr", description="Federated learning via model recombination (FedMR) and baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment")
+    run = sub.add_parser("run", help="run one experiment", epilog=algorithm_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
     run.add_argument("--resume", metavar="DIR",
                      help="continue the run in DIR from its last good checkpoint (uses DIR/config.toml; --set may extend rounds)")
     run.add_argument("--checkpoint-every", metavar="N", type=int,
                      help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
-    compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model")
+    compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model",
+                             epilog=algorithm_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("--algorithms",
                          help="comma-separated names; a variant adds @key=value, e.g. fedmr@first_stage_rounds=50")
     _common(compare)

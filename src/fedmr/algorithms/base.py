@@ -127,7 +127,7 @@ def register_algorithm(name: str) -> Callable[[A], A]:
         if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
             raise TypeError(f"@register_algorithm({name!r}) decorates a subclass of Algorithm, not {cls!r}")
         known = ALGORITHMS.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ConfigError(f"algorithm name '{name}' is taken by {known.__module__}.{known.__qualname__}")
         cls.name = name
         ALGORITHMS[name] = cls
