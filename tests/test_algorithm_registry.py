@@ -101,6 +101,9 @@ def test_option_declarations_are_checked_when_the_class_is_made():
     with pytest.raises(TypeError, match="declared int but defaults to 0.5"):
         class Bad(FedAvg):
             Options = Wrong
+    with pytest.raises(TypeError, match="sets defaults by hand"):
+        class ByHand(FedAvg):
+            defaults = {"mu": 1.0}
 
 
 def test_run_help_lists_every_algorithm_with_its_options_and_defaults(capsys):

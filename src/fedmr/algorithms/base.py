@@ -105,7 +105,10 @@ def _check_declaration(options: type[Options], owner: str) -> None:
     """A field whose default disagrees with its own type would make the config check the wrong type."""
     if not (isinstance(options, type) and issubclass(options, Options) and is_dataclass(options)):
         raise TypeError(f"{owner}.Options must be a frozen dataclass subclassing fedmr.algorithms.base.Options")
-    hints = get_type_hints(options)
+    try:
+        hints = get_type_hints(options)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: only the defaults' own types are used
+        hints = {}
     for f in fields(options):
         kind = hints.get(f.name)
         if f.default is MISSING:
@@ -154,6 +157,9 @@ class Algorithm(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__:
+            raise TypeError(f"{cls.__qualname__} sets defaults by hand; declare its options as an Options dataclass "
+                            "(see fedmr.algorithms.base.option)")
         _check_declaration(cls.Options, cls.__qualname__)
         cls.defaults = cls.Options.defaults()
 
