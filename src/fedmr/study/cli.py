@@ -54,6 +54,8 @@ def _select(statuses: list[Any], only: list[str]) -> list[Any]:
     from ..config import parse_assignment
 
     for item in only:
+        if "=" not in item:
+            raise ConfigError(f"--only expects KEY=VALUE, got '{item}'")
         keys, value = parse_assignment(item)
         statuses = [s for s in statuses if _matches(s, ".".join(keys), value)]
     return statuses

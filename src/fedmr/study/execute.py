@@ -202,6 +202,7 @@ def run_ray(todo: list[Status], address: str, cpus: int, retries: int, progress:
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
+        progress.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)  # for the estimate
         task = ray.remote(num_cpus=cpus, max_retries=retries, retry_exceptions=True)(_ray_cell)
         cwd = os.getcwd()
         pending = {task.remote(s.cell.cfg, str(s.folder), cwd, cpus, late_fraction): s for s in todo}

@@ -128,7 +128,7 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
     if all(d < -tie for d in diffs):
         return f"behind by {points(-m)[1:]} points in {seeds} ({few})"
     if all(abs(d) <= tie for d in diffs):
-        return f"level: within {margin:g} points in {seeds} ({few})"
+        return f"level: within {margin:g} point{'' if margin == 1 else 's'} in {seeds} ({few})"
     ahead = sum(d > 0 for d in diffs)
     return f"mixed: ahead in {ahead} of {n} seeds, mean {points(m)} points ({few})"
 
@@ -180,8 +180,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "l
 
 
 class Page:
-    def __init__(self, study: Study, statuses: Sequence[Status], file: str):
-        self.study, self.file, self.o = study, file, study.options
+    def __init__(self, study: Study, statuses: Sequence[Status], file: str, draw: bool = True):
+        self.study, self.file, self.o, self.draw = study, file, study.options, draw
         self.page_dir = study.report.parent
         self.plots = study.output / "plots"
         fraction, thresholds = float(self.o["late_fraction"]), [float(t) for t in self.o["thresholds"]]
@@ -193,6 +193,7 @@ class Page:
             self.entries += [Entry(m, s, stats) for m in s.cell.memberships]
         self.sections = _ordered([e.membership.section for e in self.entries])
         self.lines: list[str] = []
+        self.verdicts: list[tuple[str, str, str]] = []
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -268,7 +269,6 @@ class Page:
                  f"Accuracy of the method minus {baseline}'s, in points, paired by seed (same partition and initial "
                  "model). The 95% interval is Student's t over the per-seed differences, given from three seeds on.", "")
         rows = []
-        self.verdicts: list[tuple[str, str, str]] = []
         for method in self.o["contrasts"]:
             for het in hets:
                 pairs = self._paired(groups, method, het)
@@ -309,7 +309,8 @@ class Page:
             if not curves:
                 continue
             path = self.plots / f"main-{het.replace(' ', '')}.png"
-            plot(curves, path, f"{self.o['title']}: {het}")
+            if self.draw:
+                plot(curves, path, f"{self.o['title']}: {het}")
             self.add(f"![{het}]({_link(path, self.page_dir)})", "")
 
     def timing(self, entries: Sequence[Entry], methods: Sequence[str]) -> None:
@@ -355,20 +356,22 @@ class Page:
                               "s/round", "seeds"], rows))
             if curves:
                 path = self.plots / f"{section}.png"
-                plot(curves, path, title)
+                if self.draw:
+                    plot(curves, path, title)
                 self.add(f"![{title}]({_link(path, self.page_dir)})", "")
 
     def verdict_section(self) -> None:
         baseline, margin = self.o["baseline"], float(self.o["tie_margin"])
+        unit = f"{margin:g} point{'' if margin == 1 else 's'}"
         self.add("## Verdict", "",
                  f"Rules: a method is compared with {baseline} on the paired per-seed difference of accuracy. With three "
                  "or more seeds it is **ahead** (or **behind**) when the 95% t-interval excludes 0, **level** when the "
-                 f"interval includes 0 and the mean is within {margin:g} points, otherwise *not established*. With one "
-                 f"or two seeds there is no interval: ahead/behind when every seed differs by more than {margin:g} points "
-                 f"the same way, level when every seed is within {margin:g} points, otherwise mixed. Nothing else is "
-                 "claimed.", "")
+                 f"interval includes 0 and the mean is within {unit}, otherwise *not established*. With one "
+                 f"or two seeds there is no interval: ahead/behind when every seed differs by more than {unit} "
+                 f"the same way, level when every seed is within {unit}, otherwise mixed. Differences are in "
+                 "percentage points of accuracy; nothing else is claimed.", "")
         for method in self.o["contrasts"]:
-            readings = [(het, text) for m, het, text in getattr(self, "verdicts", []) if m == method]
+            readings = [(het, text) for m, het, text in self.verdicts if m == method]
             if not readings:
                 self.add(f"- **{method}** against {baseline}: no finished pair yet.")
                 continue
@@ -400,11 +403,11 @@ class Page:
         self.add(*_table(["priority", "cell", "state", "command"], rows))
 
     def folders(self) -> None:
-        self.add("## Cells and their run folders", "",
-                 "Reused: an equal finished run found outside the study folder (same config on every key that changes "
-                 "results), read in place.", "")
-        rows = [[str(s.cell.priority), s.cell.name, s.state, f"[{_link(s.folder, self.page_dir)}]({_link(s.folder, self.page_dir)})"
-                 if s.finished else ""] for s in self.statuses]
+        self.add("## Run folders of the finished cells", "",
+                 "done: run by the study in its own folder; reused: an equal finished run found elsewhere (the same "
+                 "config on every key that changes results), read in place.", "")
+        rows = [[str(s.cell.priority), s.cell.name, s.state, f"[{_link(s.folder, self.page_dir)}]({_link(s.folder, self.page_dir)})"]
+                for s in self.statuses if s.finished]
         self.add(*_table(["priority", "cell", "state", "run folder"], rows))
 
     def render(self) -> str:

@@ -226,7 +226,10 @@ def _single_cell(table: Mapping[str, Any], where: str) -> tuple[Membership, list
 def load_study(path: str | Path) -> Study:
     """Read and check a study file: every cell's config is resolved and validated here, before anything runs."""
     path = Path(path)
-    doc = read_toml(path)
+    try:
+        doc = read_toml(path)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("config file", "study file", 1)) from None
     unknown = sorted(set(doc) - {"study", "base", "grid", "cell"})
     if unknown:
         raise ConfigError(f"study {path}: unknown table '{unknown[0]}' (expected [study], [base], [[grid]], [[cell]])")
@@ -289,5 +292,5 @@ def load_study(path: str | Path) -> Study:
 
 def heterogeneity(cfg: Mapping[str, Any]) -> str:
     if cfg["partition"] == "dirichlet":
-        return f"alpha {cfg['alpha']:g}"
+        return f"alpha {cfg['alpha']}"
     return "IID" if cfg["partition"] == "iid" else str(cfg["partition"])
