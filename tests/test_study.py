@@ -174,3 +174,21 @@ def test_ray_runs_the_cells_as_tasks_on_a_local_cluster(tmp_path, reference, mon
     assert not ray.is_initialized()  # the command shut down the instance it started
     assert "[1 done] seed1-fedmr: accuracy" in capsys.readouterr().out
     assert _comparable(tmp_path / "out" / "study" / "seed1-fedmr") == _comparable(reference)
+
+
+def test_which_config_differences_count_when_matching_a_finished_run():
+    from fedmr.config import default_config
+    from fedmr.study.spec import difference
+
+    cell = default_config()
+    cell.update(algorithm="fedmr", dataset="digits", alpha=0.5)
+    older = {k: v for k, v in cell.items() if k not in ("dropout_rate", "checkpoint_every")}  # keys added later
+    assert difference(older, cell) is None
+    how = {**cell, "workers": 2, "device": "cpu", "vectorize": True, "cache_dir": "/tmp/c", "data_dir": "elsewhere",
+           "checkpoint_every": 5, "rounds": 7, "fedprox": {"mu": 0.5}}  # how/where it ran; another algorithm's options
+    assert difference(how, cell) is None
+    assert difference({**cell, "lr": 0.05}, cell) == "'lr' was 0.05, now 0.01"
+    assert difference({**cell, "fedmr": {"first_stage_rounds": 50, "block_fraction": 0.0}}, cell) == \
+        "'fedmr.first_stage_rounds' was 50, now 0"
+    assert difference({**cell, "client_timeout": 30.0}, cell) == "'client_timeout' was 30.0, now 0.0"  # can drop clients
+    assert difference({**cell, "algorithm": "fedavg"}, cell) == "'algorithm' was 'fedavg', now 'fedmr'"

@@ -150,6 +150,7 @@ def write_index(study: Study, statuses: list[Status]) -> None:
     cells = [{"name": s.cell.name, "priority": s.cell.priority, "state": s.state,
               "folder": os.path.relpath(s.folder, out), "rounds_done": s.rounds_done,
               "sections": sorted({m.section for m in s.cell.memberships})} for s in statuses]
-    text = json.dumps({"study": str(study.path), "cells": cells}, indent=1) + "\n"
+    body = ",\n".join("  " + json.dumps(c) for c in cells)  # one line per cell: small, readable diffs
+    text = f'{{"study": {json.dumps(str(study.path))},\n "cells": [\n{body}\n]}}\n'
     if not (out / INDEX).is_file() or (out / INDEX).read_text() != text:
         atomic_write_text(out / INDEX, text)
