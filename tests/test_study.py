@@ -57,7 +57,8 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_path, reference, monkeypatch, caplog):
+def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_path, reference, monkeypatch, caplog,
+                                                                           capsys):
     monkeypatch.chdir(tmp_path)
     _study(tmp_path)
     cells = [tmp_path / "out" / "study" / c for c in CELLS]
@@ -69,6 +70,9 @@ def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_p
     finished_at = (cells[0] / "metrics.csv").stat().st_mtime_ns
 
     assert main(["study", "run", "study.toml", "--dry-run"]) == 0
+    rows = {line.split()[3]: line.split()[:3] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert rows[CELLS[0]] == ["1", "done", "6/6"]
+    assert rows[CELLS[1]][:2] == ["1", "partial"] and rows[CELLS[1]][2] != "0/6", rows  # resumes from its checkpoint
     caplog.set_level(logging.INFO, logger="fedmr")
     assert main(["study", "run", "study.toml", "--quiet"]) == 0
     assert (cells[0] / "metrics.csv").stat().st_mtime_ns == finished_at  # skipped, not run again

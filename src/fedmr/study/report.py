@@ -193,6 +193,7 @@ class Page:
             self.entries += [Entry(m, s, stats) for m in s.cell.memberships]
         self.sections = _ordered([e.membership.section for e in self.entries])
         self.lines: list[str] = []
+        self.drawn: set[Path] = set()
         self.verdicts: list[tuple[str, str, str]] = []
 
     def add(self, *lines: str) -> None:
@@ -311,6 +312,7 @@ class Page:
             path = self.plots / f"main-{het.replace(' ', '')}.png"
             if self.draw:
                 plot(curves, path, f"{self.o['title']}: {het}")
+                self.drawn.add(path)
             self.add(f"![{het}]({_link(path, self.page_dir)})", "")
 
     def timing(self, entries: Sequence[Entry], methods: Sequence[str]) -> None:
@@ -358,6 +360,7 @@ class Page:
                 path = self.plots / f"{section}.png"
                 if self.draw:
                     plot(curves, path, title)
+                    self.drawn.add(path)
                 self.add(f"![{title}]({_link(path, self.page_dir)})", "")
 
     def verdict_section(self) -> None:
@@ -419,6 +422,9 @@ class Page:
         self.folders()
         while self.lines and self.lines[-1] == "":
             self.lines.pop()
+        if self.draw and self.plots.is_dir():  # the plots folder holds this page's plots only
+            for stale in set(self.plots.glob("*.png")) - self.drawn:
+                stale.unlink()
         return "\n".join(self.lines) + "\n"
 
 
