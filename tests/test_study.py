@@ -154,6 +154,7 @@ def test_a_study_folder_of_another_base_config_is_refused(tmp_path, monkeypatch,
     assert sorted(p.name for p in study.iterdir()) == ["seed1-fedavg"]
 
 
+@pytest.mark.slow  # two fresh interpreters (spawn) on top of the cells
 def test_jobs_two_runs_cells_side_by_side_with_the_same_numbers(tmp_path, reference, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     _study(tmp_path)
