@@ -161,7 +161,7 @@ def apply(base: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
     cfg = validate(cfg)
     from ..models import MODELS
 
-    if cfg["model"] != "auto" and cfg["model"] not in MODELS:
+    if cfg["model"] != "auto" and ":" not in cfg["model"] and cfg["model"] not in MODELS:  # ':' a plug-in's import string
         raise ConfigError(f"unknown model '{cfg['model']}' (choose from auto, {', '.join(MODELS)})")
     return cfg
 
