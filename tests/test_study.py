@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -83,6 +84,18 @@ def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_p
     assert _comparable(cells[1]) == _comparable(reference)  # the numbers of an uninterrupted run
     index = json.loads((tmp_path / "out" / "study" / "cells.json").read_text())
     assert [(c["name"], c["state"], c["folder"]) for c in index["cells"]] == [(n, "done", n) for n in CELLS]
+
+
+def test_sigterm_stops_a_study_at_a_checkpoint_with_the_command_that_continues(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    cell = tmp_path / "out" / "study" / CELLS[0]
+    proc = _start(["study", "run", "study.toml", "--quiet"], tmp_path / "log", delay=0.3)
+    _wait_for(proc, lambda: (cell / "checkpoints" / "round-000002.json").exists(), "the first checkpoint")
+    assert _kill(proc, signal.SIGTERM) == 128 + signal.SIGTERM
+    log = (tmp_path / "log").read_text()
+    assert "continue with: fedmr study run study.toml" in log, log
+    assert not (cell / "summary.json").exists() and (cell / "checkpoints").is_dir()
 
 
 def test_dry_run_lists_cells_and_an_equal_finished_run_is_reused(tmp_path, reference, monkeypatch, capsys):

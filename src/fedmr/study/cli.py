@@ -103,6 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         statuses[by_name[status.cell.name]] = Status(status.cell, "done", status.folder, status.cell.cfg["rounds"])
         write_index(study, statuses)
 
+    if not todo:
+        print(f"nothing to run; report: fedmr study report {shlex.quote(args.file)}", file=sys.stderr)
+        return 0
     late = float(study.options["late_fraction"])
     parallel = args.jobs if not args.ray else len(todo)
     progress = Progress(len(todo), parallel)
