@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compare FedAvg and FedMR on the embedded digits data (about a minute)")
     _common(demo)
     _add_data_commands(sub)
+    from .study.cli import add_parser as add_study_parser  # fedmr study run|report
+
+    add_study_parser(sub)
     return parser
 
 
@@ -200,7 +203,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition}
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study.cli import cmd_study as study
+
+    return study(args)
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition,
+            "study": cmd_study}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
