@@ -43,11 +43,7 @@ def run_cell(cfg: dict[str, Any], folder: Path, progress: str = "none", label: s
     import contextlib
 
     from ..engine import Simulation, prepare
-
-    try:
-        from ..engine.simulator import stop_on_signals  # where engine-house (issue 11.4) moves it
-    except ImportError:  # pragma: no cover - until then it lives in the CLI
-        from ..cli import _stop_on_signals as stop_on_signals
+    from ..engine.simulator import stop_on_signals
 
     start = time.perf_counter()
     simulation = Simulation(prepare(cfg), out_dir=folder, progress=progress, label=label or folder.name,

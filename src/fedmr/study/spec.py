@@ -121,10 +121,8 @@ def _update(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """compare's NAME@KEY=VALUE syntax: one parser for both."""
-    try:
-        from ..engine.compare import parse_variant as parse  # where engine-house (issue 11.4) moves it
-    except ImportError:  # pragma: no cover - until then it lives in the CLI
-        from ..cli import parse_variant as parse
+    from ..engine.compare import parse_variant as parse
+
     return parse(spec)
 
 
