@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # "cpu", "cuda" or "auto" (the GPU when there is one)
     "workers": "auto",  # client processes: N or "auto" (one single-thread process per core on a CPU)
     "vectorize": "auto",  # train the round's clients as one batched computation: true, false or "auto"
+    "vectorize_memory_gb": "auto",  # GB the vectorized path's stacked models may use; "auto" or 0 = from free memory
     "client_timeout": 0.0,  # seconds a client may train before it is dropped for the round; 0 = no limit
     "max_update_norm": 0.0,
     "dropout_rate": 0.0,  # fraction of the selected clients that fail each round (seeded)
@@ -199,6 +200,12 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         elif key == "vectorize":
             if not (cfg[key] == "auto" or isinstance(cfg[key], bool)):
                 raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {cfg[key]!r}")
+        elif key == "vectorize_memory_gb":
+            value = cfg[key]
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                    or not 0 <= value < math.inf):
+                raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB >= 0 "
+                                  f"(0 = auto), got {_brief(value)}")
         else:
             cfg[key] = _check_type(key, cfg[key], default)
 

@@ -154,6 +154,11 @@ class Algorithm(abc.ABC):
     reference: ClassVar[str] = ""
     Options: ClassVar[type[Options]] = Options
     defaults: ClassVar[dict[str, Any]] = {}  # derived from Options (name -> default); never set by hand
+    # True: the local step is the plain ``local_update`` below (cross-entropy SGD from the task's
+    # state), so the simulator may train a round's clients as one batched computation
+    # (engine/vectorized.py).  A class whose own ``local_update`` differs declares False; one that
+    # overrides it without declaring True again is treated as False.
+    batched_local_step: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

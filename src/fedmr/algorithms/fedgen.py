@@ -136,6 +136,7 @@ class FedGen(FedAvg):
     reference = ("Zhu, Hong and Zhou, Data-Free Knowledge Distillation for Heterogeneous Federated Learning, "
                  "ICML 2021")
     Options = FedGenOptions
+    batched_local_step = False  # its own local step (see local_update)
 
     def __init__(self, options: Mapping[str, Any], federation: Federation):
         super().__init__(options, federation)

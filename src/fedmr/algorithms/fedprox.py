@@ -34,6 +34,7 @@ class FedProx(FedAvg):
     description = "FedAvg with a proximal term (mu/2)||w - w_global||^2 in every local loss"
     reference = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
     Options = FedProxOptions
+    batched_local_step = False  # its own local step (see local_update)
 
     def local_update(self, model: nn.Module, task: TrainTask, x: torch.Tensor, y: torch.Tensor,
                      settings: LocalSettings, generator: torch.Generator) -> TrainResult:

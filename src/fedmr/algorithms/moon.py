@@ -82,6 +82,7 @@ class Moon(FedAvg):
     description = "FedAvg with a model-contrastive loss pulling local representations to the global model's"
     reference = "Li, He and Song, Model-Contrastive Federated Learning, CVPR 2021"
     Options = MoonOptions
+    batched_local_step = False  # its own local step (see local_update)
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

@@ -57,6 +57,7 @@ class Scaffold(FedAvg):
     reference = ("Karimireddy et al., SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, "
                  "ICML 2020")
     Options = ScaffoldOptions
+    batched_local_step = False  # its own local step (see local_update)
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

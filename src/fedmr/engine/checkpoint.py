@@ -47,8 +47,8 @@ FORMAT = 1
 # Test hook: seconds to sleep between writing a temporary file and renaming it into place.
 TEST_DELAY_ENV = "FEDMR_TEST_CHECKPOINT_DELAY"
 # Config keys that may change between a run and its resumption without changing its numbers.
-RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "data_dir", "checkpoint_every",
-                               "client_timeout"})
+RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "vectorize_memory_gb", "data_dir",
+                               "checkpoint_every", "client_timeout"})
 
 _NAME = re.compile(r"^round-(\d{6,})\.json$")
 _STATE_PREFIX = "state."

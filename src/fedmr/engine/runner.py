@@ -72,10 +72,14 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
     if vectorize == "auto":
         # measured: on a CPU the per-model loop wins (vmap turns convolutions into grouped ones,
         # which oneDNN runs slower); on a GPU ten small models in one kernel win
-        vectorize = device.type == "cuda" and timeout == 0 and unsupported_reason(algorithm, model) is None
+        vectorize = device.type == "cuda" and timeout == 0
+        reason = unsupported_reason(algorithm, model) if vectorize else None
+        if reason is not None:
+            log.info("runner: not vectorized: %s", reason)
+            vectorize = False
     if vectorize:
         log.info("runner: vectorized (%d clients per batched step)", cfg["clients_per_round"])
-        return VectorizedRunner(algorithm, model, data, settings, seed)
+        return VectorizedRunner(algorithm, model, data, settings, seed, cfg.get("vectorize_memory_gb", "auto"))
     workers, threads = resolve_workers(cfg["workers"], device, cfg["clients_per_round"])
     if workers > 1 or timeout > 0:  # a timeout needs a process it can stop
         log.info("runner: %d worker processes x %d threads", workers, threads)
