@@ -3,11 +3,13 @@
     python -m benchmarks                      # CNN (the paper's round) and ResNet-20 (a scaled round, see --help)
     python -m benchmarks --quick              # a short smoke run of the same table
     python -m benchmarks --models cnn --reps 3
+    python -m benchmarks --device cuda        # on a GPU: CNN, ResNet-20 and VGG-16, the paper's round each,
+                                              # "ratio: N.Nx" = sequential / vectorized per model
 
 Paths: the reference-style loop (as the authors' code: per-sample Dataset and
-DataLoader, deep-copied state dicts), the simulator's sequential path, its
-worker-process path and its vectorized (vmap) path, plus a bare training loop
-over the same tensors.  Rounds of all paths are interleaved, repetition by
+DataLoader, deep-copied state dicts, each batch moved to the device), the
+simulator's sequential path, its worker-process path (CPU only) and its
+vectorized (vmap) path, plus a bare training loop over the same tensors.  Rounds of all paths are interleaved, repetition by
 repetition, so a busy machine slows them alike and the ratios stay meaningful.
 """
 
@@ -30,26 +32,43 @@ PAPER = Round()
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="cnn,resnet20", help="comma-separated: cnn, resnet20 (default: both)")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated: cnn, resnet20, vgg16 (default: cnn,resnet20 on a CPU, all three on cuda)")
     parser.add_argument("--reps", type=int, default=2, help="timed rounds per path after one warm-up round (default 2)")
     parser.add_argument("--quick", action="store_true", help="1 timed round, 100 samples x 1 epoch per client")
-    parser.add_argument("--resnet-samples", type=int, default=100,
-                        help="samples per client for ResNet-20 (default 100; the paper's round, 500 x 5 epochs, takes "
-                             "minutes per path on 2 cores: seconds are also given scaled to the paper's round)")
-    parser.add_argument("--resnet-epochs", type=int, default=1, help="local epochs for ResNet-20 (default 1)")
+    parser.add_argument("--resnet-samples", type=int, default=None,
+                        help="samples per client for ResNet-20 and VGG-16 (default on a CPU 100, the paper's round, "
+                             "500 x 5 epochs, takes minutes per path on 2 cores: seconds are also given scaled to the "
+                             "paper's round; on cuda the paper's 500)")
+    parser.add_argument("--resnet-epochs", type=int, default=None,
+                        help="local epochs for ResNet-20 and VGG-16 (default 1 on a CPU, 5 on cuda)")
+    parser.add_argument("--clients", type=int, default=None, help="clients per round for every model (default 10)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per client for every model (a dry run)")
+    parser.add_argument("--epochs", type=int, default=None, help="local epochs for every model (a dry run)")
     parser.add_argument("--server-models", default="cnn,resnet20,vgg16", help="pools timed for the server's work")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="where the simulator paths run (cuda: the sequential and vectorized GPU paths)")
-    return parser.parse_args(argv)
+                        help="where the paths run (cuda: the reference, sequential, vectorized and bare loops on the GPU)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "python -m benchmarks: error: --device cuda, but torch sees no CUDA GPU "
+                       f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})\n")
+    if args.models is None:
+        args.models = "cnn,resnet20,vgg16" if args.device == "cuda" else "cnn,resnet20"
+    return args
 
 
 def workload(model: str, args: argparse.Namespace) -> Round:
-    if model == "resnet20":
-        return Round(samples=50 if args.quick else args.resnet_samples, epochs=1 if args.quick else args.resnet_epochs)
+    """The paper's round, scaled down for the large models on a CPU (and by --quick or the dry-run flags)."""
+    work = PAPER
     if args.quick:
-        return Round(samples=100, epochs=1)
-    return PAPER
+        work = Round(samples=50 if model != "cnn" else 100, epochs=1)
+    elif model != "cnn":
+        on_gpu = args.device == "cuda"
+        work = Round(samples=args.resnet_samples or (PAPER.samples if on_gpu else 100),
+                     epochs=args.resnet_epochs or (PAPER.epochs if on_gpu else 1))
+    return Round(clients=args.clients or work.clients, epochs=args.epochs or work.epochs, batch=work.batch,
+                 samples=args.samples or work.samples)
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict:
@@ -58,7 +77,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     data = cifar_dataset(images, labels)
     paths = {}
     if not args.no_reference:
-        reference = ReferenceFedMR(model, images, labels, work)
+        reference = ReferenceFedMR(model, images, labels, work, device=args.device)
         paths["reference loop"] = reference.round
     on = args.device
     sims = {"sequential": simulation(model, data, work, "workers=1", "vectorize=false", device=on)}
@@ -70,15 +89,16 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
     counters = {name: iter(range(10**6)) for name in sims}
     for name, sim in sims.items():
         paths[name] = (lambda s=sim, c=counters[name]: s.run_round(next(c)))
-    bare_model = build_model(model, 10, 3, 32).to(memory_format=torch.channels_last)
+    bare_model = build_model(model, 10, 3, 32).to(on, memory_format=torch.channels_last)
     start_state = {k: v.clone() for k, v in bare_model.state_dict().items()}
-    paths["bare loop"] = lambda: bare_round(bare_model, start_state, data.train_x, data.train_y, work, seed=1)
+    bare_x, bare_y = data.train_x.to(on), data.train_y.to(on)
+    paths["bare loop"] = lambda: bare_round(bare_model, start_state, bare_x, bare_y, work, seed=1)
 
     times: dict[str, list[float]] = {name: [] for name in paths}
     matmuls: list[float] = []
     reps = 1 if args.quick else max(1, args.reps)
     for rep in range(reps + 1):  # the first round of each path warms caches and forks workers: not timed
-        matmuls.append(matmul_gflops())  # the machine's rate now, next to the rounds it is compared with
+        matmuls.append(matmul_gflops(device=on))  # the machine's rate now, next to the rounds it is compared with
         for name, fn in paths.items():
             seconds = timed(fn)
             print(f"  {model} {name}: {seconds:.2f} s{'' if rep else ' (warm-up)'}", file=sys.stderr, flush=True)
@@ -88,7 +108,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
         sim.runner.close()
     flops = training_flops_per_sample(model, work.batch) * work.samples_trained
     return {"model": model, "work": work, "times": {k: median(v) for k, v in times.items()},
-            "flops": flops, "matmul": median(matmuls), "vectorize_reason": reason}
+            "flops": flops, "matmul": median(matmuls), "vectorize_reason": reason, "device": on}
 
 
 def print_model(res: dict) -> None:
@@ -112,8 +132,15 @@ def print_model(res: dict) -> None:
     best = min((n for n in times if n not in ("reference loop", "bare loop")), key=times.get)
     print(f"fastest simulator path: {best}")
     print(f"sequential / bare loop: {times['sequential'] / times['bare loop']:.3f} (target <= 1.15)")
+    if "vectorized" in times:
+        speedup = times["sequential"] / times["vectorized"]
+        if res["device"] == "cuda":
+            print(f"ratio: {speedup:.1f}x  (sequential / vectorized on the GPU; target >= 5x for the CNN, >= 3x for ResNet-20)")
+        else:
+            print(f"vectorized speed-up over sequential: {speedup:.2f}x")
     if ref:
-        print(f"ratio: {ref / times[best]:.1f}x  (reference loop / {best})")
+        label = "ratio: " if res["device"] != "cuda" else "reference loop / fastest: "
+        print(f"{label}{ref / times[best]:.1f}x  (reference loop / {best})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     cores = cpu_count()
     torch.set_num_threads(cores)
     workers, threads = resolve_workers("auto", torch.device("cpu"), PAPER.clients)
-    matmul = matmul_gflops()
+    matmul = matmul_gflops(device=args.device)
     print(f"# fedmr speed suite: torch {torch.__version__}, {cores} CPUs, torch threads {torch.get_num_threads()}")
-    print(f"fp32 matmul (2048x2048, {torch.get_num_threads()} threads) at start: {matmul:.1f} GFLOP/s")
-    print(f"workers = \"auto\" here: {workers} processes x {threads} threads; vectorize = \"auto\" on a CPU: off")
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}; fp32 matmul at start: {matmul:.1f} GFLOP/s; "
+              f"vectorize = \"auto\" on cuda: on (every built-in model with FedAvg/FedIndep/FedMR/Clustered)")
+    else:
+        print(f"fp32 matmul (2048x2048, {torch.get_num_threads()} threads) at start: {matmul:.1f} GFLOP/s")
+        print(f"workers = \"auto\" here: {workers} processes x {threads} threads; vectorize = \"auto\" on a CPU: off")
     cnn_round = None
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         res = bench_model(model, args)
@@ -139,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         cost = server_cost(model)
         share = f"{100 * cost['seconds'] / cnn_round:.2f}%" if cnn_round else "-"
         print(f"| {model} | {cost['model_mib']:.1f} | {1000 * cost['seconds']:.1f} | {share} | {cost['peak_models']:.1f} |")
-    print("GPU figures: still to be measured (no GPU here)" if not torch.cuda.is_available() else "")
+    if args.device != "cuda":
+        print("GPU figures: run `python -m benchmarks --device cuda` (or benchmarks/gpu_check.sh) on a GPU")
     return 0
 
 

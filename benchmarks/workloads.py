@@ -153,9 +153,11 @@ def reference_model(model_name: str) -> nn.Module:
 class ReferenceFedMR:
     """Deep-copied state dicts, a DataLoader per client, per-layer shuffles of state dicts."""
 
-    def __init__(self, model_name: str, images: np.ndarray, labels: np.ndarray, work: Round, seed: int = 0):
+    def __init__(self, model_name: str, images: np.ndarray, labels: np.ndarray, work: Round, seed: int = 0,
+                 device: str = "cpu"):
         torch.manual_seed(seed)
-        self.net = reference_model(model_name)
+        self.device = torch.device(device)
+        self.net = reference_model(model_name).to(self.device)
         self.images, self.labels, self.work = images, labels, work
         self.w_locals = [copy.deepcopy(self.net.state_dict()) for _ in range(work.clients)]
         self.splits = [list(range(c * work.samples, (c + 1) * work.samples)) for c in range(work.clients)]
@@ -171,6 +173,7 @@ class ReferenceFedMR:
         for _ in range(self.work.epochs):
             batch_loss = []
             for images, labels in loader:
+                images, labels = images.to(self.device), labels.to(self.device)  # as the authors' code
                 net.zero_grad()
                 loss = F.cross_entropy(net(images), labels)
                 loss.backward()
@@ -225,7 +228,7 @@ def bare_round(model: torch.nn.Module, state: dict, x: torch.Tensor, y: torch.Te
         xc, yc = x[c * work.samples : (c + 1) * work.samples], y[c * work.samples : (c + 1) * work.samples]
         optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
         for _ in range(work.epochs):
-            order = torch.randperm(work.samples, generator=generator)
+            order = torch.randperm(work.samples, generator=generator).to(x.device)
             for part in batch_slices(work.samples, work.batch):
                 idx = order[part]
                 loss = F.cross_entropy(model(xc[idx]), yc[idx])
@@ -235,9 +238,11 @@ def bare_round(model: torch.nn.Module, state: dict, x: torch.Tensor, y: torch.Te
 
 
 # ---- rates ------------------------------------------------------------------------------------
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 matmul throughput with this process's threads: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """fp32 matmul throughput with this process's threads (or on the GPU): the machine's practical peak."""
+    if device != "cpu":
+        n = max(n, 8192)  # a GPU needs a larger product to reach its rate
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9

@@ -244,7 +244,7 @@ def test_vgg16_fits_the_automatic_budget_and_the_setting_is_checked():
     assert memory_budget(0, torch.device("cpu")) > 0 and memory_budget(1.5, torch.device("cpu")) == 1.5 * 2**30
     for good in ("\"auto\"", "0", "2.5", "16"):
         load_config(None, [f"vectorize_memory_gb={good}"])
-    for bad in ("-1", "\"lots\"", "true", "nan", "inf"):
+    for bad in ("-1", "\"lots\"", "true", "nan", "inf", "1e400", "10" * 200):
         with pytest.raises(ConfigError, match="vectorize_memory_gb"):
             load_config(None, [f"vectorize_memory_gb={bad}"])
 
@@ -267,3 +267,29 @@ def test_batched_algorithms_give_the_same_run(algorithm):
         assert row_v["accuracy"] == pytest.approx(row_s["accuracy"], abs=1e-3)
     for key, value in sequential.final_state.items():
         torch.testing.assert_close(vectorized.final_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_auto_on_a_gpu_falls_back_with_one_logged_reason(caplog):
+    """make_runner only looks at the data's device before it picks a path: a stand-in on "cuda" shows the
+    choice without a GPU.  FedProx's own local step goes to the sequential path, saying why."""
+
+    class StandIn:
+        def __init__(self):
+            self.train_x = type("T", (), {"device": torch.device("cuda")})()
+
+    cfg = load_config(None, ["algorithm=fedprox", "num_clients=4", "clients_per_round=2"])
+    fedprox = build_algorithm(cfg, Federation(4, 2, (10,) * 4, 10, 1))
+    with caplog.at_level(logging.INFO, logger="fedmr"):
+        runner = make_runner(cfg, fedprox, CNN(), StandIn(), LocalSettings())
+    assert isinstance(runner, SequentialRunner)
+    assert caplog.text.count("runner: not vectorized: algorithm 'fedprox' has its own local update") == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu_check.sh there)")
+def test_auto_vectorizes_every_builtin_model_on_a_gpu():
+    cfg = load_config(None, ["num_clients=3", "clients_per_round=3", "device=\"cuda\""])
+    data = clients_of([6, 4, 5], device="cuda")
+    algorithm = build_algorithm(cfg, Federation(3, 3, (6, 4, 5), 10, 1))
+    for name in ("cnn", "resnet20", "vgg16"):
+        model = build_model(name, 10, 3, 32).to("cuda", memory_format=torch.channels_last)
+        assert isinstance(make_runner(cfg, algorithm, model, data, LocalSettings()), VectorizedRunner), name

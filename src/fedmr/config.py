@@ -203,8 +203,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         elif key == "vectorize_memory_gb":
             value = cfg[key]
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                    or not 0 <= value < math.inf):
-                raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB >= 0 "
+                                    or not 0 <= value <= 1e6):
+                raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB in [0, 1e6] "
                                   f"(0 = auto), got {_brief(value)}")
         else:
             cfg[key] = _check_type(key, cfg[key], default)
