@@ -59,10 +59,11 @@ fi
 if [ "$device" = cuda ]; then
     tests_limit=120; tech=(--device cuda --models cnn,resnet20,vgg16 --reps 10); tech_limit=60
     bench=(--device cuda --reps 2); bench_limit=270
-else  # dry run: the same commands on a tiny workload
-    tests_limit=240; tech=(--device cpu --models cnn --k 4 --batch 10 --reps 2); tech_limit=60
+else  # dry run: the same commands on a tiny workload (limits for a busy 2-core machine, where importing
+      # torch alone can take 30 s)
+    tests_limit=300; tech=(--device cpu --models cnn --k 4 --batch 10 --reps 2 --threads 1); tech_limit=180
     bench=(--device cpu --models cnn,resnet20,vgg16 --reps 1 --clients 2 --samples 4 --epochs 1 --server-models cnn)
-    bench_limit=420
+    bench_limit=600
 fi
 
 status=0
