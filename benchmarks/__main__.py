@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="local epochs for every model (a dry run)")
     parser.add_argument("--server-models", default="cnn,resnet20,vgg16", help="pools timed for the server's work")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style loop")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the one-process paths (default: one per core; 1 for a dry run on a busy machine)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the paths run (cuda: the reference, sequential, vectorized and bare loops on the GPU)")
     args = parser.parse_args(argv)
@@ -106,7 +108,8 @@ def bench_model(model: str, args: argparse.Namespace) -> dict:
                 times[name].append(seconds)
     for sim in sims.values():
         sim.runner.close()
-    flops = training_flops_per_sample(model, work.batch) * work.samples_trained
+    # counted on a batch of 10 at most: the count is linear in the batch (VGG-16's batch of 50 costs seconds on a CPU)
+    flops = training_flops_per_sample(model, min(work.batch, 10)) * work.samples_trained
     return {"model": model, "work": work, "times": {k: median(v) for k, v in times.items()},
             "flops": flops, "matmul": median(matmuls), "vectorize_reason": reason, "device": on}
 
@@ -146,7 +149,7 @@ def print_model(res: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cores = cpu_count()
-    torch.set_num_threads(cores)
+    torch.set_num_threads(args.threads or cores)
     workers, threads = resolve_workers("auto", torch.device("cpu"), PAPER.clients)
     matmul = matmul_gflops(device=args.device)
     print(f"# fedmr speed suite: torch {torch.__version__}, {cores} CPUs, torch threads {torch.get_num_threads()}")

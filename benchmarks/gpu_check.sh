@@ -62,7 +62,8 @@ if [ "$device" = cuda ]; then
 else  # dry run: the same commands on a tiny workload (limits for a busy 2-core machine, where importing
       # torch alone can take 30 s)
     tests_limit=300; tech=(--device cpu --models cnn --k 4 --batch 10 --reps 2 --threads 1); tech_limit=180
-    bench=(--device cpu --models cnn,resnet20,vgg16 --reps 1 --clients 2 --samples 4 --epochs 1 --server-models cnn)
+    bench=(--device cpu --models cnn,resnet20,vgg16 --reps 1 --clients 2 --samples 4 --epochs 1 --server-models cnn
+           --threads 1)
     bench_limit=600
 fi
 
