@@ -239,7 +239,8 @@ class BatchedTrainer:
     # ---- a round ----------------------------------------------------------------------------
     def train(self, tasks: Sequence[TrainTask], round_idx: int) -> list[TrainResult]:
         """Train every task's model; results in task order."""
-        schedules = [_client_schedule(self.data.indices[t.client_id], self.settings,
+        # drawn on the host (as train_sgd draws them) and moved to the device once per group, not batch by batch
+        schedules = [_client_schedule(self.data.indices[t.client_id].cpu(), self.settings,
                                       torch_generator(self.seed, "client", round_idx, t.client_id)) for t in tasks]
         seeds = [derive_seed(self.seed, "dropout", round_idx, t.client_id) for t in tasks]
         # longest first: the clients still training at step t are always a prefix (of a group too)
@@ -340,7 +341,7 @@ def _padded_schedule(schedules: list[list[torch.Tensor]], batch_size: int, devic
     weight = torch.zeros(steps, len(schedules), batch_size)
     for k, batches in enumerate(schedules):
         for t, batch in enumerate(batches):
-            index[t, k, : batch.numel()] = batch.cpu()
+            index[t, k, : batch.numel()] = batch
             weight[t, k, : batch.numel()] = 1.0
     return index.to(device), weight.to(device)
 
