@@ -28,8 +28,9 @@ METRIC_COLUMNS = [
 class RunWriter:
     """Writes one run's folder; refuses to overwrite a folder that already holds a run."""
 
-    def __init__(self, out_dir: str | Path, *, resume: bool = False):
+    def __init__(self, out_dir: str | Path, *, resume: bool = False, extra_columns: Sequence[str] = ()):
         self.dir = Path(out_dir)
+        self.extra_columns = tuple(extra_columns)  # after METRIC_COLUMNS (Flower: fed_accuracy, ...)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"output path {self.dir} exists and is not a folder")
         if (self.dir / "metrics.csv").exists() and not resume:
@@ -48,10 +49,11 @@ class RunWriter:
         """Rewrite the whole file (it is small): a resumed run never duplicates rows."""
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                columns = METRIC_COLUMNS + list(self.extra_columns)
+                writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
                 writer.writeheader()
                 for row in rows:
-                    writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+                    writer.writerow({k: _fmt(row.get(k)) for k in columns})
 
         atomic_write(self.metrics_path, write)
 
