@@ -100,10 +100,10 @@ class FlowerProcesses:
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = (self.workdir / f"{name}.log").open("w")
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                env=self.env, cwd=self.workdir, start_new_session=True)
+                                env=env or self.env, cwd=self.workdir, start_new_session=True)
         self.procs.append(proc)
         self.tracked[proc.pid] = _start_time(proc.pid)
         return proc

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
 from ..errors import ConfigError
 from ..maths import State
@@ -78,6 +77,9 @@ def update_distances(updates: Sequence[Mapping[str, torch.Tensor] | None], dista
 
 def weight_clusters(distances: np.ndarray, weights: np.ndarray, m: int) -> np.ndarray:
     """Cluster label per client: Ward tree on the distance rows, cut where a cluster's weight exceeds 1/m."""
+    # scipy here, not at import: every Flower ClientApp process imports the algorithms (0.5 s for scipy)
+    from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
+
     n = len(weights)
     if n == 1:
         return np.ones(1, dtype=int)

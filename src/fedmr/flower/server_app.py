@@ -26,6 +26,7 @@ from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
 from ..results import RunWriter, summarize_metrics
 from ..training import evaluate
+from .grid import PollingGrid
 from .sites import initial_state, read_site, site_federation
 from .strategy import AlgorithmStrategy, discover_sites
 from .task import FlowerRunConfig, split_run_config
@@ -158,7 +159,7 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> tuple[Experiment, Feder
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
-        run_server(grid, dict(context.run_config))
+        run_server(PollingGrid(grid, float(context.run_config.get("flower.poll_interval", 0.1))), dict(context.run_config))
     except FedMRError as exc:  # one line for the user; Flower adds its own report of the failed run
         log.error("fedmr: error: %s", exc)
         raise

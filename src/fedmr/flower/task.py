@@ -35,6 +35,7 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "data": "partition",  # "partition": every node loads the data set, takes its clients' part; "node": its own data-dir
     "fraction_evaluate": 0.0,  # nodes that evaluate the global model on their local test data (0 = none)
     "server_test_dir": "",  # flower.data = "node": a folder whose test split the server evaluates on ("" = none)
+    "poll_interval": 0.1,  # seconds between the ServerApp's looks for replies (Flower's deployed Grid: 3)
 }
 DATA_MODES = ("partition", "node")
 
