@@ -321,3 +321,38 @@ def test_tools_present():
     assert shutil.which("ss"), "the loopback checks need `ss` (iproute2)"
     for tool in ("flwr", "flower-superlink", "flower-supernode"):
         assert (BIN / tool).exists(), tool
+
+
+def test_federated_evaluation_weighs_by_examples_and_refuses_unweighted_replies(monkeypatch, caplog):
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmr.algorithms import Federation, build_algorithm
+    from fedmr.config import validate
+    from fedmr.flower.strategy import AlgorithmStrategy
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a ServerApp process sets
+        monkeypatch.setattr(TaskIdentity, name, value)
+    cfg = validate({**default_config(), "num_clients": 4, "clients_per_round": 2})
+    algorithm = build_algorithm({**cfg, "algorithm": "fedavg"}, Federation(4, 2, (5, 5, 5, 5), 10, 1))
+    strategy = AlgorithmStrategy(algorithm, seed=1, reference={}, fraction_evaluate=0.5, eval_every=2, num_rounds=5)
+    strategy.node_of = {0: 10, 1: 11, 2: 12, 3: 13}
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    assert list(strategy.configure_evaluate(1, arrays, None, None)) == []  # not an evaluation round
+    sent = list(strategy.configure_evaluate(2, arrays, None, None))
+    assert len(sent) == 2 and len({m.metadata.dst_node_id for m in sent}) == 2
+    assert list(strategy.configure_evaluate(5, arrays, None, None)), "the last round is always evaluated"
+
+    def answer(node, **metrics):
+        return _reply(RecordDict({"metrics": MetricRecord(metrics)}), node=node)
+
+    replies = [answer(10, accuracy=0.5, loss=1.0, **{"num-examples": 30}),
+               answer(11, accuracy=1.0, loss=0.0, **{"num-examples": 10}),
+               answer(12, accuracy=0.0, loss=9.0),  # no "num-examples": left out, logged
+               _reply(error="ClientApp raised DataError", node=13)]
+    with caplog.at_level("WARNING", logger="fedmr.flower"):
+        record = strategy.aggregate_evaluate(2, replies)
+    assert record["fed_accuracy"] == pytest.approx(0.625) and record["fed_loss"] == pytest.approx(0.75)
+    assert strategy.last_eval == {"fed_accuracy": 0.625, "fed_loss": 0.75, "fed_examples": 40}
+    assert any('evaluation reply of node 12: no "num-examples"' in r.getMessage() for r in caplog.records)
+    assert any("node 13 failed to evaluate" in r.getMessage() for r in caplog.records)

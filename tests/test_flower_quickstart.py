@@ -52,6 +52,7 @@ local-epochs = 1
 lr = 0.1
 strategies = "fedavg"
 record-dir = ""
+polling-grid = false
 """
 
 TASK = '''
@@ -158,6 +159,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedmr.flower import FedMR  # changed line 1 of 2
+from fedmr.flower import PollingGrid  # optional, for deployments: see docs/flower.md
 
 from quickstart.task import Net
 
@@ -167,6 +169,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     out = context.run_config["record-dir"]
+    if context.run_config["polling-grid"]:  # optional, deployed: replies noticed within 0.1 s, not 3 s
+        grid = PollingGrid(grid)
     for tag in context.run_config["strategies"].split(","):  # the test runs three strategies in one go
         torch.manual_seed(0)
         arrays = ArrayRecord(Net().state_dict())

@@ -48,8 +48,12 @@ class Grid:
 
     def send_and_receive(self, messages, timeout=None):
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != "train":
+        if not messages:
             return []
+        if messages[0].metadata.message_type != "train":  # evaluation: node 2 forgets "num-examples"
+            return [reply(m.metadata.dst_node_id, RecordDict({"metrics": MetricRecord(
+                {"eval_acc": float(m.metadata.dst_node_id), **({} if m.metadata.dst_node_id == 2 else {"num-examples": 5})})}))
+                for m in messages]
         self.round += 1
         r = messages[0].content["config"]["server-round"]
         out = []
@@ -119,7 +123,7 @@ def test_failed_malformed_and_unweighted_replies_keep_their_slots(caplog):
         return (RecordDict({"arrays": ArrayRecord(nan), "metrics": MetricRecord({"num-examples": 10})}),)
 
     grid = Grid([[1, 2, 3]], spoil)
-    strategy = FedIndep(fraction_evaluate=0.0)
+    strategy = FedIndep()
     with caplog.at_level(logging.WARNING, logger="fedmr.flower"):
         result = strategy.start(grid, initial(), num_rounds=2)
     assert strategy.last_round == {"clients": 0, "rejected": 3, "dropped": 0} and strategy.rejected == 3
@@ -127,6 +131,9 @@ def test_failed_malformed_and_unweighted_replies_keep_their_slots(caplog):
     assert any('node 2: its MetricRecord has no "num-examples"' in line for line in lines), lines
     assert any("node 1: the ClientApp failed" in line for line in lines)
     assert any("node 3: 'w' has non-finite values" in line for line in lines)
+    # federated evaluation: node 2's reply has no weight and is left out; nodes 1 and 3 weigh equally
+    assert any('evaluation reply of node 2: its MetricRecord has no "num-examples"' in line for line in lines)
+    assert result.evaluate_metrics_clientapp[2]["eval_acc"] == pytest.approx(2.0)
     # FedIndep: every slot kept its round-1 model, so the global model is round 1's mean
     back1 = list(grid.returned[1].values())
     final = result.arrays.to_torch_state_dict()

@@ -28,9 +28,8 @@ METRIC_COLUMNS = [
 class RunWriter:
     """Writes one run's folder; refuses to overwrite a folder that already holds a run."""
 
-    def __init__(self, out_dir: str | Path, *, resume: bool = False, extra_columns: Sequence[str] = ()):
+    def __init__(self, out_dir: str | Path, *, resume: bool = False):
         self.dir = Path(out_dir)
-        self.extra_columns = tuple(extra_columns)  # after METRIC_COLUMNS (Flower: fed_accuracy, ...)
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"output path {self.dir} exists and is not a folder")
         if (self.dir / "metrics.csv").exists() and not resume:
@@ -45,12 +44,12 @@ class RunWriter:
         atomic_write_text(self.dir / "partition.json", json.dumps(document))
         atomic_write_text(self.dir / "partition_summary.json", json.dumps(summary, indent=1))
 
-    def write_metrics(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Rewrite the whole file (it is small): a resumed run never duplicates rows."""
+    def write_metrics(self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
+        """Rewrite the whole file (it is small): a resumed run never duplicates rows.  ``columns``:
+        the header (the engine's recorder adds a front end's extra columns after the standard ones)."""
         def write(tmp: Path) -> None:
             with tmp.open("w", newline="") as fh:
-                columns = METRIC_COLUMNS + list(self.extra_columns)
-                writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+                writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
                 writer.writeheader()
                 for row in rows:
                     writer.writerow({k: _fmt(row.get(k)) for k in columns})

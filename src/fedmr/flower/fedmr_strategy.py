@@ -11,7 +11,8 @@ The server side is fedmr's own ``FedMR``/``FedIndep`` algorithm object: slot *i*
 to the *i*-th sampled node, the replies are folded in by ``Algorithm.aggregate_train`` (recombine,
 or the first-stage reset) and the model the strategy returns each round, which ``Result.arrays``
 ends with and federated evaluation sends out, is ``Algorithm.global_state()``: the pool mean.
-Sampling, federated evaluation and metric aggregation are FedAvg's, inherited unchanged.
+Sampling, federated evaluation and metric aggregation are FedAvg's (an evaluation reply without the
+weight is logged and left out rather than failing the round).
 
 K is the number of nodes sampled for training in a round (FedAvg's rule: ``fraction_train`` of the
 connected nodes, at least ``min_train_nodes``).  When it changes between rounds because nodes joined
@@ -158,6 +159,22 @@ class FedIndep(FedAvg):
         self.algorithm.aggregate_train(server_round - 1, (results[s] for s in sorted(results)), generator)
         metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
         return ArrayRecord({k: v.detach().cpu() for k, v in self.algorithm.global_state().items()}), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's weighted metrics over the usable replies; one without the weight is logged and left out."""
+        sound = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning("round %d: node %d failed to evaluate: %s", server_round, reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            metrics = list(reply.content.metric_records.values())
+            if len(metrics) != 1 or self.weighted_by_key not in metrics[0]:
+                log.warning("round %d: rejected the evaluation reply of node %d: its MetricRecord has no \"%s\"",
+                            server_round, reply.metadata.src_node_id, self.weighted_by_key)
+                continue
+            sound.append(reply.content)
+        return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
 
 
 class FedMR(FedIndep):

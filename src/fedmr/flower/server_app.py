@@ -24,7 +24,7 @@ from ..engine.checkpoint import fingerprint, resume_from_checkpoint, save_checkp
 from ..engine.simulator import Experiment, prepare, resolve_device, write_run_header
 from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
-from ..results import RunWriter, summarize_metrics
+from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
 from ..training import evaluate
 from .grid import PollingGrid
 from .sites import initial_state, read_site, site_federation
@@ -50,13 +50,14 @@ class CentralEvaluation:
     evaluation) and after the last, exactly as ``fedmr run`` writes them."""
 
     def __init__(self, exp: Experiment, algorithm: Algorithm, strategy: AlgorithmStrategy, writer: RunWriter,
-                 run_fingerprint: dict[str, Any], rows: list[dict[str, Any]], elapsed_before: float = 0.0):
+                 run_fingerprint: dict[str, Any], rows: list[dict[str, Any]], elapsed_before: float = 0.0,
+                 columns: list[str] = METRIC_COLUMNS):
         self.exp, self.algorithm, self.strategy, self.writer = exp, algorithm, strategy, writer
         self.fingerprint = run_fingerprint
         self.model = exp.new_model()
         self.rounds, self.every = exp.cfg["rounds"], exp.cfg["eval_every"]
         self.checkpoint_every = exp.cfg.get("checkpoint_every") or self.every
-        self.rows = rows
+        self.rows, self.columns = rows, columns
         self.start = time.perf_counter() - elapsed_before
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -74,7 +75,7 @@ class CentralEvaluation:
                                    "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
                                    "elapsed_s": time.perf_counter() - self.start}
             self.rows.append(row)
-            self.writer.write_metrics(self.rows)
+            self.writer.write_metrics(self.rows, self.columns)
             if not math.isnan(acc):
                 log.info("round %d: accuracy %.4f loss %.4f", done, acc, loss)
                 record = MetricRecord({"accuracy": acc, "loss": loss})
@@ -100,7 +101,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
         federation = exp.federation
     out = results_dir(run)
     fed_eval = float(run.flower["fraction_evaluate"]) > 0
-    writer = RunWriter(out, resume=resume, extra_columns=FED_COLUMNS if fed_eval else ())
+    writer = RunWriter(out, resume=resume)
     algorithm = build_algorithm(run.cfg, federation)
     algorithm.setup(exp.initial_state)
     run_fingerprint = fingerprint(exp.cfg, exp.partition, exp.initial_state)
@@ -118,7 +119,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
                                  rounds_before=rounds_before, fraction_evaluate=float(run.flower["fraction_evaluate"]),
                                  eval_every=run.cfg["eval_every"], num_rounds=run.cfg["rounds"])
     strategy.node_of.update(node_of)
-    evaluation = CentralEvaluation(exp, algorithm, strategy, writer, run_fingerprint, rows, elapsed)
+    evaluation = CentralEvaluation(exp, algorithm, strategy, writer, run_fingerprint, rows, elapsed,
+                                   columns=METRIC_COLUMNS + list(FED_COLUMNS) if fed_eval else METRIC_COLUMNS)
     if rounds_before < run.cfg["rounds"]:
         strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in algorithm.global_state().items()}),
                        num_rounds=run.cfg["rounds"] - rounds_before, timeout=float(run.flower["round_timeout"]),
