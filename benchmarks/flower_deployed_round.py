@@ -48,6 +48,8 @@ def run_one(work: Path, name: str, spec: dict, rounds: int) -> list[float]:
     env = flower_env(home)
     if spec.get("pythonpath"):
         env["PYTHONPATH"] = spec["pythonpath"]
+    for key in FAST_ENV:  # the tests' environment sets it; "before" runs with Flower's default
+        env.pop(key, None)
     node_env = {**env, **(FAST_ENV if spec["fast_nodes"] else {})}
     procs = FlowerProcesses(case, env)
     try:
