@@ -18,8 +18,7 @@ import sys
 
 import torch
 
-from fedmr.engine.parallel import cpu_count
-from fedmr.engine.runner import resolve_workers
+from fedmr.engine.runner import cpu_count, resolve_workers
 from fedmr.engine.vectorized import unsupported_reason
 from fedmr.models import build_model
 

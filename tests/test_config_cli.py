@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from fedmr.cli import main, parse_variant
+from fedmr.cli import main
 from fedmr.config import load_config, parse_assignment
+from fedmr.engine.compare import parse_variant
 from fedmr.errors import ConfigError
 
 TINY = ["num_clients=10", "clients_per_round=3", "rounds=2", "local_epochs=1", "eval_every=1"]

@@ -205,6 +205,7 @@ def test_three_sites_each_with_only_its_own_data_dir(tmp_path):
         assert all(0 < float(r["fed_accuracy"]) <= 1 and float(r["fed_loss"]) > 0 for r in got)
         assert all(r["fed_examples"] == "359" for r in got), "all three local test parts (the digits test split)"
         listed = json.loads((out / "sites.json").read_text())["clients"]
+        assert not (out / "partition.json").exists(), "the server has no sample indices to write"
         assert sorted(c["data-dir"] for c in listed) == [str(sites / f"client-{i:03d}") for i in range(3)]
 
         for i in range(3):

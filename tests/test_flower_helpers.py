@@ -324,6 +324,56 @@ def test_tools_present():
         assert (BIN / tool).exists(), tool
 
 
+def test_committed_manifest_is_the_generated_one():
+    """flower_app/pyproject.toml is derived from the declarations (config.DEFAULTS, each algorithm's
+    Options, FLOWER_DEFAULTS); regenerate it with `python -m fedmr.flower.manifest flower_app/pyproject.toml`."""
+    from fedmr.flower.manifest import manifest_text
+
+    assert (APP_DIR / "pyproject.toml").read_text() == manifest_text(), \
+        "flower_app/pyproject.toml is stale: run python -m fedmr.flower.manifest flower_app/pyproject.toml"
+    declared = read_toml(APP_DIR / "pyproject.toml")["tool"]["flwr"]["app"]["config"]
+    assert {k: v for k, v in declared.items() if k != "flower" and v != {}} == \
+        {k: v for k, v in default_config().items() if v != {}}
+
+
+def test_flower_evaluation_writes_the_simulators_rows(tmp_path):
+    """The ServerApp's evaluate_fn hands each round to the simulator's Recorder: the same columns
+    with the same values (client_state_mb included) as `fedmr run`, for the same rounds."""
+    import csv
+
+    from fedmr.config import load_config
+    from fedmr.engine import Simulation, prepare
+    from fedmr.engine.recorder import Recorder
+    from fedmr.flower.server_app import CentralEvaluation
+    from fedmr.results import RunWriter
+
+    cfg = load_config(None, ["algorithm=scaffold", "num_clients=6", "clients_per_round=3", "rounds=3", "local_epochs=1",
+                             "eval_every=2", "workers=1"])
+    exp = prepare(cfg)
+    Simulation(exp, out_dir=tmp_path / "sim", progress="none").run()
+    trainer = Simulation(exp, progress="none")  # trains each round as the strategy's clients would
+    recorder = Recorder(cfg, exp, trainer.algorithm, RunWriter(tmp_path / "flower"))
+    strategy = SimpleNamespace(rounds_before=recorder.start(), last_round={}, last_eval={})  # no federated evaluation
+    evaluate = CentralEvaluation(recorder, strategy)
+    assert evaluate(0, None) is None
+    for r in range(cfg["rounds"]):
+        strategy.last_round = trainer.run_round(r)
+        record = evaluate(r + 1, None)
+        assert (record is None) == (r + 1 == 1)
+    recorder.finish({"engine": "flower"})
+
+    def table(folder):
+        with (folder / "metrics.csv").open() as fh:
+            reader = csv.DictReader(fh)
+            return reader.fieldnames, [{k: v for k, v in row.items() if k != "elapsed_s"} for row in reader]
+
+    sim_header, sim_rows = table(tmp_path / "sim")
+    flower_header, flower_rows = table(tmp_path / "flower")
+    assert flower_header == sim_header
+    assert flower_rows == sim_rows and [r["round"] for r in sim_rows] == ["2", "3"]
+    assert all(float(r["client_state_mb"]) > 0 for r in flower_rows)
+
+
 def test_federated_evaluation_weighs_by_examples_and_refuses_unweighted_replies(monkeypatch, caplog):
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -336,7 +386,8 @@ def test_federated_evaluation_weighs_by_examples_and_refuses_unweighted_replies(
         monkeypatch.setattr(TaskIdentity, name, value)
     cfg = validate({**default_config(), "num_clients": 4, "clients_per_round": 2})
     algorithm = build_algorithm({**cfg, "algorithm": "fedavg"}, Federation(4, 2, (5, 5, 5, 5), 10, 1))
-    strategy = AlgorithmStrategy(algorithm, seed=1, reference={}, fraction_evaluate=0.5, eval_every=2, num_rounds=5)
+    strategy = AlgorithmStrategy(algorithm, seed=1, reference={}, fraction_evaluate=0.5,  # the Recorder's schedule:
+                                 evaluation_due=lambda done: done % 2 == 0 or done == 5)  # eval_every 2, rounds 5
     strategy.node_of = {0: 10, 1: 11, 2: 12, 3: 13}
     arrays = ArrayRecord({"w": torch.zeros(2)})
     assert list(strategy.configure_evaluate(1, arrays, None, None)) == []  # not an evaluation round

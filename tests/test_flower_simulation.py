@@ -78,10 +78,12 @@ def simulator_fedmr(tmp_path_factory):
 def assert_matches_simulator(out, reference) -> None:
     rows = metrics(out)
     assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0]) == list(metrics(reference.out_dir)[0]), "the simulator's metrics.csv columns"
     for ours, theirs in zip(rows, reference.rows):
         assert float(ours["accuracy"]) == pytest.approx(theirs["accuracy"], abs=1e-6)
         assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
         assert int(ours["clients"]) == theirs["clients"] == 4
+        assert float(ours["pool_cosine"]) == pytest.approx(theirs["pool_cosine"], abs=1e-6)
 
 
 def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, simulator_fedmr):

@@ -13,8 +13,9 @@ from fedmr.algorithms.base import TrainTask
 from fedmr.algorithms.fedavg import FedAvg
 from fedmr.config import load_config
 from fedmr.engine import Simulation, prepare
+from fedmr.engine.client import ClientData
 from fedmr.engine.parallel import ProcessPoolRunner, WorkerError, _dumps, owned
-from fedmr.engine.runner import ClientData, SequentialRunner
+from fedmr.engine.runner import SequentialRunner
 from fedmr.maths import replicate, slot, state_nbytes
 from fedmr.models import CNN
 from fedmr.training import LocalSettings, clone_state

@@ -10,9 +10,9 @@ from pathlib import Path
 import tomli_w
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-from fedmr.cli import parse_variant
 from fedmr.config import default_config, load_config, merge, parse_assignment, validate
 from fedmr.engine.checkpoint import read_checkpoint
+from fedmr.engine.compare import parse_variant
 from fedmr.errors import CheckpointError, FedMRError, PartitionError
 from fedmr.partition import load_partition
 

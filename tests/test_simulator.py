@@ -36,7 +36,7 @@ def test_a_different_seed_changes_the_run(experiment):
 
 
 def test_compare_runs_share_the_initial_model_and_partition(tmp_path):
-    from fedmr.cli import run_comparison
+    from fedmr.engine.compare import run_comparison
 
     cfg = load_config(None, [*TINY, "rounds=1", "eval_every=1"])
     run_comparison(cfg, ["fedavg", "fedmr"], tmp_path, "none")

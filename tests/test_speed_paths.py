@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from fedmr.algorithms import Federation, build_algorithm
 from fedmr.config import load_config
-from fedmr.engine.parallel import ProcessPoolRunner, cpu_count
-from fedmr.engine.runner import ClientData, SequentialRunner, make_runner, resolve_workers
+from fedmr.engine.client import ClientData
+from fedmr.engine.parallel import ProcessPoolRunner
+from fedmr.engine.runner import SequentialRunner, cpu_count, make_runner, resolve_workers
 from fedmr.errors import ConfigError
 from fedmr.models import CNN
 from fedmr.training import LocalSettings, batch_slices, train_sgd

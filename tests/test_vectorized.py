@@ -7,7 +7,8 @@ from fedmr.algorithms import Federation, build_algorithm
 from fedmr.algorithms.base import TrainTask
 from fedmr.algorithms.fedavg import FedAvg
 from fedmr.config import load_config
-from fedmr.engine.runner import ClientData, SequentialRunner, make_runner
+from fedmr.engine.client import ClientData
+from fedmr.engine.runner import SequentialRunner, make_runner
 from fedmr.engine.vectorized import VectorizedRunner, unsupported_reason
 from fedmr.errors import ConfigError
 from fedmr.models import CNN, ResNet20

@@ -1,23 +1,20 @@
-"""The ``fedmr`` command line: run, compare, demo."""
+"""The ``fedmr`` command line: parses the arguments and dispatches to the engine (run, compare, demo,
+data info, partition); the workflows themselves live in :mod:`fedmr.engine`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import logging
-import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import load_config, merge, parse_value, validate
-from .errors import CheckpointError, ConfigError, FedMRError
+from .config import algorithm_help, load_config, validate
+from .errors import ConfigError, FedMRError
 
 DEMO_SETTINGS = [
     "dataset=\"digits\"", "num_clients=20", "clients_per_round=5", "rounds=150", "eval_every=5",
@@ -40,13 +37,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmr", description="Federated learning via model recombination (FedMR) and baselines.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment")
+    run = sub.add_parser("run", help="run one experiment", epilog=algorithm_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
     run.add_argument("--resume", metavar="DIR",
                      help="continue the run in DIR from its last good checkpoint (uses DIR/config.toml; --set may extend rounds)")
     run.add_argument("--checkpoint-every", metavar="N", type=int,
                      help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
-    compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model")
+    compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model",
+                             epilog=algorithm_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("--algorithms",
                          help="comma-separated names; a variant adds @key=value, e.g. fedmr@first_stage_rounds=50")
     _common(compare)
@@ -58,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="compare FedAvg and FedMR on the embedded digits data (about a minute)")
     _common(demo)
     _add_data_commands(sub)
+    from .study.cli import add_parser as add_study_parser  # fedmr study run|report
+
+    add_study_parser(sub)
     return parser
 
 
@@ -77,213 +79,66 @@ def _add_data_commands(sub: Any) -> None:
     part.add_argument("--export", metavar="DIR", help="also write one image folder per client (DIR/client-007/train|test/<class>/*.png)")
 
 
-def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
-    """'fedmr@first_stage_rounds=50@block_fraction=0.5' -> ('fedmr', {...})."""
-    name, *settings = spec.strip().split("@")
-    options: dict[str, Any] = {}
-    for item in settings:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"bad algorithm variant '{spec}': expected NAME@KEY=VALUE")
-        options[key.strip()] = parse_value(value.strip())
-    return name.strip(), options
-
-
 def _progress(args: argparse.Namespace) -> str:
     return "log" if args.quiet else "bar"
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .engine import Simulation, prepare
-    from .partition import format_summary
-
-    assignments = list(args.assignments)
-    if args.checkpoint_every is not None:
+def _assignments(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str]:
+    assignments = [*extra, *args.assignments]
+    if getattr(args, "checkpoint_every", None) is not None:
         assignments.append(f"checkpoint_every={args.checkpoint_every}")
+    return assignments
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.simulator import resumed_config, run_experiment
+
+    assignments = _assignments(args)
     if args.resume:
         if args.config or args.out:
             raise ConfigError("--resume DIR takes its config from DIR/config.toml and writes to DIR; drop --config/--out")
         out = Path(args.resume)
-        if not (out / "config.toml").is_file():
-            raise CheckpointError(f"no run to resume in {out} (no config.toml); start it with: fedmr run --out {shlex.quote(str(out))}")
-        cfg = load_config(out / "config.toml", assignments)
+        cfg = resumed_config(out, assignments)
     else:
         cfg = load_config(args.config, assignments)
         out = Path(args.out or f"runs/{cfg['algorithm']}-{cfg['dataset']}-{_timestamp()}")
-    exp = prepare(cfg)
-    print(format_summary(exp.partition_summary), file=sys.stderr)
-    simulation = Simulation(exp, out_dir=out, progress=_progress(args), resume=bool(args.resume))
-    with _stop_on_signals(simulation):
-        outcome = simulation.run()
+    outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume))
     if outcome.stopped_after is not None:
         print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg['rounds']}; checkpoint saved in "
               f"{out / 'checkpoints'}\nresume with: fedmr run --resume {shlex.quote(str(out))}", file=sys.stderr)
-        return 128 + int(simulation.stop_requested)
+        return 128 + outcome.stop_signal
     s = outcome.summary
     print(f"{cfg['algorithm']}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
           f"(round {s['best_round']}), {s['wall_seconds']:.1f}s -> {out}")
     return 0
 
 
-@contextlib.contextmanager
-def _stop_on_signals(simulation: Any):
-    """First SIGINT/SIGTERM: finish the round, write a checkpoint, stop. A second one aborts at once."""
-    owner = os.getpid()
-
-    def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:  # a forked worker inherited this handler: die as by default
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if simulation.stop_requested:
-            raise KeyboardInterrupt
-        simulation.stop_requested = signum
-        print(f"\nfedmr: {signal.Signals(signum).name}: finishing this round and writing a checkpoint "
-              "(send it again to abort without one)", file=sys.stderr, flush=True)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-COMPARE_FILE = "compare.json"  # the variants of a comparison, beside its base config.toml
-
-
-def _variants(cfg: dict[str, Any], specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    variants = []
-    for spec in specs:
-        name, options = parse_variant(spec)
-        variant_cfg = copy.deepcopy(cfg)
-        variant_cfg["algorithm"] = name
-        if options:
-            merge(variant_cfg, {name: options})
-        variants.append((spec, validate(variant_cfg)))
-    labels = [spec for spec, _ in variants]
-    if len(set(labels)) != len(labels):
-        raise ConfigError("--algorithms lists the same variant twice")
-    return variants
-
-
-def _finished(folder: Path, rounds: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    """A variant's (summary, metrics rows) when its folder holds a run completed to ``rounds``."""
-    from .results import read_metrics
-
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        if summary.get("rounds") != rounds:
-            return None
-        return summary, read_metrics(folder / "metrics.csv")
-    except (OSError, ValueError, AttributeError):
-        return None  # not finished, or its files are damaged: the run resumes from its checkpoint
-
-
-def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path, progress: str,
-                   resume: bool = False) -> tuple[dict[str, dict[str, Any]], int]:
-    """Run each variant on one prepared experiment (same data, partition, seed, initial model).
-    Every variant checkpoints in its own folder, so a crashed or stopped comparison resumes: finished
-    variants are read back, the interrupted one continues from its checkpoint.  Returns (summaries,
-    the signal that stopped it, or 0)."""
-    from .config import to_toml
-    from .engine import Simulation, prepare
-    from .partition import format_summary
-    from .fileio import atomic_write_text
-    from .results import comparison_table, plot_curves
-
-    variants = _variants(cfg, specs)
-    if not resume and (out / COMPARE_FILE).exists():
-        raise ConfigError(f"output folder {out} already holds a comparison; choose another --out or "
-                          f"resume it with: fedmr compare --resume {shlex.quote(str(out))}")
-    if not resume and (out / "config.toml").exists():
-        raise ConfigError(f"output folder {out} already holds a run; choose another --out")
-    exp = prepare(cfg)
-    print(format_summary(exp.partition_summary), file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.toml", to_toml(cfg))
-    atomic_write_text(out / COMPARE_FILE, json.dumps({"algorithms": list(specs)}, indent=1))
-    summaries: dict[str, dict[str, Any]] = {}
-    curves: dict[str, list[dict[str, Any]]] = {}
-    for spec, variant_cfg in variants:
-        folder = out / spec.replace("@", "_").replace("=", "-")
-        done = _finished(folder, variant_cfg["rounds"]) if resume else None
-        if done is not None:
-            print(f"[{spec}] finished earlier: {folder}", file=sys.stderr)
-            summaries[spec], curves[spec] = done
-            continue
-        exp.cfg = variant_cfg
-        simulation = Simulation(exp, out_dir=folder, progress=progress, label=spec,
-                                resume=resume and (folder / "config.toml").exists())
-        with _stop_on_signals(simulation):
-            outcome = simulation.run()
-        if outcome.stopped_after is not None:
-            return summaries, int(simulation.stop_requested)
-        summaries[spec], curves[spec] = outcome.summary, outcome.rows
-    where = f"Dirichlet alpha={cfg['alpha']}" if cfg["partition"] == "dirichlet" else cfg["partition"]
-    title = f"{exp.data.name}, {cfg['num_clients']} clients, {where}, seed {cfg['seed']}"
-    atomic_write_text(out / "comparison.md", f"# {title}\n\n" + comparison_table(summaries))
-    atomic_write_text(out / "comparison.json", json.dumps(summaries, indent=1))
-    plot_curves(curves, out / "accuracy.png", title)
-    return summaries, 0
-
-
-def _saved_specs(out: Path) -> list[str]:
-    try:
-        specs = json.loads((out / COMPARE_FILE).read_text())["algorithms"]
-        if not isinstance(specs, list) or not specs or not all(isinstance(s, str) for s in specs):
-            raise ValueError("no list of algorithms")
-        return specs
-    except FileNotFoundError:
-        raise CheckpointError(f"no comparison to resume in {out} (no {COMPARE_FILE}); start it with: "
-                              f"fedmr compare --algorithms ... --out {shlex.quote(str(out))}") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{out / COMPARE_FILE} is damaged ({exc}); it should read "
-                              '{"algorithms": ["fedavg", "fedmr"]}') from None
-
-
-def _refuse_other_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
-    """Finished variants are kept as they are, so a resumed comparison may only change what does not
-    change results (the keys a resumed run may change)."""
-    from .engine.checkpoint import RESUMABLE_CHANGES
-
-    for key in sorted(set(saved) | set(cfg)):
-        if key not in RESUMABLE_CHANGES and saved.get(key) != cfg.get(key):
-            raise ConfigError(f"a resumed comparison keeps its config: '{key}' was {saved.get(key)!r}, now "
-                              f"{cfg.get(key)!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-
-
 def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
+    from .engine.compare import resumed_comparison, run_comparison
     from .results import comparison_table
 
-    assignments = list(args.assignments)
-    if getattr(args, "checkpoint_every", None) is not None:
-        assignments.append(f"checkpoint_every={args.checkpoint_every}")
+    assignments = _assignments(args, extra)
     resume = getattr(args, "resume", None)
     if resume:
         if args.config or args.out or args.algorithms:
             raise ConfigError("--resume DIR takes its config and algorithms from DIR and writes to DIR; "
                               "drop --config/--out/--algorithms")
         out = Path(resume)
-        specs = _saved_specs(out)
-        if not (out / "config.toml").is_file():
-            raise CheckpointError(f"no comparison to resume in {out} (no config.toml)")
-        cfg = load_config(out / "config.toml", assignments)
-        _refuse_other_changes(load_config(out / "config.toml", []), cfg)
+        cfg, specs = resumed_comparison(out, assignments)
     else:
         if not args.algorithms:
             raise ConfigError("compare needs --algorithms (e.g. --algorithms fedavg,fedmr) or --resume DIR")
-        cfg = load_config(args.config, [*extra, *assignments])
+        cfg = load_config(args.config, assignments)
         specs = [s.strip() for s in args.algorithms.split(",") if s.strip()]
         if not specs:
             raise ConfigError("--algorithms is empty")
         out = Path(args.out or f"runs/compare-{cfg['dataset']}-{_timestamp()}")
-    summaries, stopped = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
-    if stopped:
+    outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
+    if outcome.stop_signal:
         print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
               f"resume with: fedmr compare --resume {shlex.quote(str(out))}", file=sys.stderr)
-        return 128 + stopped
-    print(comparison_table(summaries), end="")
+        return 128 + outcome.stop_signal
+    print(comparison_table(outcome.summaries), end="")
     print(f"table: {out / 'comparison.md'}\nplot:  {out / 'accuracy.png'}")
     return 0
 
@@ -360,7 +215,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition}
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study.cli import cmd_study as study
+
+    return study(args)
+
+
+COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition,
+            "study": cmd_study}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,10 +57,25 @@ DEFAULTS: dict[str, Any] = {
 PARTITIONS = ("iid", "dirichlet", "file", "natural")
 
 def algorithm_sections() -> dict[str, dict[str, Any]]:
-    """Default options of every registered algorithm, keyed by algorithm name."""
+    """Default options of every registered algorithm, keyed by algorithm name: each class's
+    ``Options`` declaration (its field defaults), in registration order."""
     from .algorithms import ALGORITHMS
 
-    return {name: copy.deepcopy(cls.defaults) for name, cls in ALGORITHMS.items()}
+    return {name: copy.deepcopy(cls.Options.defaults()) for name, cls in ALGORITHMS.items()}
+
+
+def algorithm_help() -> str:
+    """Every registered algorithm, its options and their defaults, from the ``Options`` declarations
+    (the epilog of ``fedmr run --help``)."""
+    from .algorithms import ALGORITHMS
+
+    lines = ["algorithms (--set algorithm=NAME) and their options (--set NAME.KEY=VALUE, or a [NAME] table "
+             "in the config file; defaults are the papers'):"]
+    for name, cls in ALGORITHMS.items():
+        lines.append(f"  {name}: {cls.description}")
+        for key, default, text in cls.Options.describe():
+            lines.append(f"      {key} = {tomli_w.dumps({'v': default})[4:].strip()}  {text}")
+    return "\n".join(lines)
 
 
 def default_config() -> dict[str, Any]:

@@ -1,23 +1,24 @@
-"""One file per algorithm, all on the interface in :mod:`fedmr.algorithms.base`."""
+"""One file per algorithm, all on the interface in :mod:`fedmr.algorithms.base`.
+
+Each module registers its class with ``@register_algorithm("name")`` when imported; the imports
+below are in the order of ``ALGORITHMS``, which is the order of the algorithms' sections in every
+config.toml (keep it: a new algorithm goes last).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Algorithm, Federation, TrainResult, TrainTask
-from .clustered import ClusteredSampling
-from .fedavg import FedAvg
+from .base import ALGORITHMS, Algorithm, Federation, Options, TrainResult, TrainTask, option, register_algorithm
+from .fedavg import FedAvg  # noqa: I001  (registration order, see above)
+from .fedprox import FedProx
+from .scaffold import Scaffold
+from .moon import Moon
 from .fedgen import FedGen
+from .clustered import ClusteredSampling
 from .fedindep import FedIndep
 from .fedmr import FedMR
-from .fedprox import FedProx
-from .moon import Moon
-from .scaffold import Scaffold
-
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Scaffold, Moon, FedGen, ClusteredSampling, FedIndep, FedMR)
-}
 
 
 def build_algorithm(cfg: Mapping[str, Any], federation: Federation, name: str | None = None) -> Algorithm:
@@ -25,4 +26,6 @@ def build_algorithm(cfg: Mapping[str, Any], federation: Federation, name: str | 
     return ALGORITHMS[name](cfg[name], federation)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "Federation", "TrainResult", "TrainTask", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClusteredSampling", "FedAvg", "FedGen", "FedIndep", "FedMR", "FedProx",
+           "Federation", "Moon", "Options", "Scaffold", "TrainResult", "TrainTask", "build_algorithm", "option",
+           "register_algorithm"]

@@ -16,9 +16,10 @@ local models) is kept by the server side keyed by client id and travels in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import numpy as np
 import torch
@@ -60,13 +61,114 @@ class TrainResult:
     payload: dict[str, Any] = field(default_factory=dict)
 
 
-class Algorithm:
-    """Base class: the defaults of the local step and the hooks a method overrides."""
+# ---- options: declared once per algorithm -----------------------------------------------------
+def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, choices: Sequence[str] = ()) -> Any:
+    """One field of an algorithm's ``Options``: its default (the paper's), a line of help, and its
+    allowed range (``low``/``high``, open or closed) or ``choices``.  The config section, its type
+    and range checks, ``fedmr run --help`` and the Flower app manifest all read this."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
+                                            "high_open": high_open, "choices": tuple(choices)})
+
+
+@dataclass(frozen=True)
+class Options:
+    """An algorithm's options as a frozen dataclass whose field defaults are the paper's; subclass it
+    with ``option(...)`` fields (an algorithm without options keeps this empty one)."""
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """name -> default, in declaration order: the algorithm's config section."""
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, Any, str]]:
+        """(name, default, help) per option, for help texts."""
+        return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]
+
+    def check(self, section: str) -> None:
+        """Raise ConfigError for a value outside its declared range or choices (types are checked by the config)."""
+        values = asdict(self)
+        for f in fields(self):
+            meta = f.metadata
+            if meta.get("choices"):
+                if values[f.name] not in meta["choices"]:
+                    raise ConfigError(f"config key '{section}.{f.name}' must be one of {', '.join(meta['choices'])}, "
+                                      f"got {values[f.name]!r}")
+            elif meta.get("low") is not None or meta.get("high") is not None:
+                low = meta["low"] if meta.get("low") is not None else float("-inf")
+                high = meta["high"] if meta.get("high") is not None else float("inf")
+                check_range(section, values, f.name, low, high, meta["low_open"], meta["high_open"])
+
+
+def _check_declaration(options: type[Options], owner: str) -> None:
+    """A field whose default disagrees with its own type would make the config check the wrong type."""
+    if not (isinstance(options, type) and issubclass(options, Options) and is_dataclass(options)):
+        raise TypeError(f"{owner}.Options must be a frozen dataclass subclassing fedmr.algorithms.base.Options")
+    try:
+        hints = get_type_hints(options)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: only the defaults' own types are used
+        hints = {}
+    for f in fields(options):
+        kind = hints.get(f.name)
+        if f.default is MISSING:
+            raise TypeError(f"{owner}.Options.{f.name} has no default (declare it with option(default, help))")
+        if isinstance(kind, type) and not isinstance(f.default, kind):
+            raise TypeError(f"{owner}.Options.{f.name} is declared {kind.__name__} but defaults to {f.default!r}")
+
+
+# ---- the registry ------------------------------------------------------------------------------
+ALGORITHMS: dict[str, type["Algorithm"]] = {}  # name -> class, in registration order (= config sections' order)
+
+A = TypeVar("A", bound=type["Algorithm"])
+
+
+def register_algorithm(name: str) -> Callable[[A], A]:
+    """Class decorator: ``@register_algorithm("fedavg")`` names the class and adds it to ``ALGORITHMS``,
+    as ``fedmr.data.register`` does for data sets; its ``Options`` become the config section ``[name]``."""
+    def wrap(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+            raise TypeError(f"@register_algorithm({name!r}) decorates a subclass of Algorithm, not {cls!r}")
+        known = ALGORITHMS.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"algorithm name '{name}' is taken by {known.__module__}.{known.__qualname__}")
+        cls.name = name
+        ALGORITHMS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Algorithm(abc.ABC):
+    """Base class: the defaults of the local step and the hooks a method overrides.
+
+    A method subclasses it, implements the abstract server-side methods (``setup``,
+    ``configure_train``, ``aggregate_train``, ``global_state``, ``server_state``,
+    ``load_server_state``), declares its options as ``Options`` (a frozen dataclass of
+    ``option(...)`` fields) and registers itself with ``@register_algorithm("name")``.  Building a
+    class that leaves an abstract method out raises ConfigError naming the missing methods.
+    """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     reference: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type[Options]] = Options
+    defaults: ClassVar[dict[str, Any]] = {}  # derived from Options (name -> default); never set by hand
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "defaults" in cls.__dict__:
+            raise TypeError(f"{cls.__qualname__} sets defaults by hand; declare its options as an Options dataclass "
+                            "(see fedmr.algorithms.base.option)")
+        _check_declaration(cls.Options, cls.__qualname__)
+        cls.defaults = cls.Options.defaults()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Algorithm":
+        missing = sorted(getattr(cls, "__abstractmethods__", ()))
+        if missing:
+            raise ConfigError(f"algorithm class {cls.__module__}.{cls.__qualname__} is incomplete: it does not "
+                              f"implement {', '.join(missing)} (see fedmr.algorithms.base.Algorithm)")
+        return super().__new__(cls)
 
     def __init__(self, options: Mapping[str, Any], federation: Federation):
         self.options = {**self.defaults, **options}
@@ -74,37 +176,43 @@ class Algorithm:
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> None:
-        """Raise ConfigError for out-of-range options (types are checked by the config)."""
+        """Raise ConfigError for out-of-range options (types are checked by the config): the ranges and
+        choices declared on ``Options``; a subclass may add checks that involve several options."""
+        cls.Options(**options).check(cls.name)
 
     # ---- server side -------------------------------------------------------------------
+    @abc.abstractmethod
     def setup(self, initial_state: State) -> None:
-        raise NotImplementedError
+        """Once, before the first round (or before a checkpoint is loaded)."""
 
     def select_clients(self, round_idx: int, rng: np.random.Generator) -> list[int]:
         """K distinct clients uniformly at random; slot i goes to the i-th."""
         fed = self.federation
         return [int(c) for c in rng.choice(fed.num_clients, fed.clients_per_round, replace=False)]
 
+    @abc.abstractmethod
     def configure_train(self, round_idx: int, clients: list[int]) -> list[TrainTask]:
-        raise NotImplementedError
+        """One task per selected client."""
 
+    @abc.abstractmethod
     def aggregate_train(self, round_idx: int, results: Iterable[TrainResult], rng: torch.Generator) -> int:
         """Fold the round's results into the server state; returns how many were used."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def global_state(self) -> State:
-        raise NotImplementedError
+        """The model evaluated (and saved) as the run's result."""
 
     def round_metrics(self) -> dict[str, float]:
         """Extra statistics logged with each evaluation (e.g. pool similarity)."""
         return {}
 
+    @abc.abstractmethod
     def server_state(self) -> dict[str, torch.Tensor]:
         """Everything needed to continue the run, as flat named tensors (for checkpoints)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load_server_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+        """Restore what ``server_state`` returned."""
 
     # ---- client side -------------------------------------------------------------------
     def local_update(

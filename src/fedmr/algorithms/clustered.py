@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..maths import State
-from .base import TrainResult
+from .base import Options, TrainResult, option, register_algorithm
 from .client_state import ClientStore
 from .fedavg import FedAvg
 
@@ -125,21 +124,20 @@ def sampling_distributions(clusters: np.ndarray, weights: np.ndarray, m: int, rn
     return rows / rows.sum(axis=1, keepdims=True)
 
 
+@dataclass(frozen=True)
+class ClusteredOptions(Options):
+    distance: str = option("arccos", "distance between two clients' updates: arccos of their cosine, l2 "
+                                     "(squared) or l1", choices=DISTANCES)
+    weighting: str = option("uniform", "aggregation weights of the drawn clients: uniform (the paper's "
+                                       "estimator) or size (FedAvg's sample counts)", choices=WEIGHTINGS)
+
+
+@register_algorithm("clustered")
 class ClusteredSampling(FedAvg):
-    name = "clustered"
     description = "FedAvg whose clients are drawn one per cluster of clients with similar updates"
     reference = ("Fraboni et al., Clustered Sampling: Low-Variance and Improved Representativity for Clients "
                  "Selection in Federated Learning, ICML 2021 (Algorithm 2)")
-    defaults = {"distance": "arccos", "weighting": "uniform"}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        if options["distance"] not in DISTANCES:
-            raise ConfigError(f"config key 'clustered.distance' must be one of {', '.join(DISTANCES)}, "
-                              f"got {options['distance']!r}")
-        if options["weighting"] not in WEIGHTINGS:
-            raise ConfigError(f"config key 'clustered.weighting' must be one of {', '.join(WEIGHTINGS)}, "
-                              f"got {options['weighting']!r}")
+    Options = ClusteredOptions
 
     def setup(self, initial_state: State) -> None:
         super().setup(initial_state)

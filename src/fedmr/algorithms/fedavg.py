@@ -8,11 +8,11 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from ..maths import RunningMean, State
-from .base import Algorithm, TrainResult, TrainTask, prefixed, unprefixed
+from .base import Algorithm, TrainResult, TrainTask, prefixed, register_algorithm, unprefixed
 
 
+@register_algorithm("fedavg")
 class FedAvg(Algorithm):
-    name = "fedavg"
     description = "mean of the clients' models weighted by their sample counts"
     reference = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
 

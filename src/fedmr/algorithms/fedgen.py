@@ -28,6 +28,7 @@ clients, not their whole models.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ from ..errors import ConfigError
 from ..maths import State
 from ..seeding import derive_seed
 from ..training import LocalSettings, LossFn, cross_entropy
-from .base import Federation, TrainResult, TrainTask, check_range, prefixed, unprefixed
+from .base import Federation, Options, TrainResult, TrainTask, option, prefixed, register_algorithm, unprefixed
 from .fedavg import FedAvg
 
 MIN_SAMPLES_PER_LABEL = 1  # a label trains the generator only if some client holds more than this
@@ -113,33 +114,28 @@ def fedgen_loss(generator: Generator, mu_teacher: float, mu_latent: float, gen_b
     return loss_fn
 
 
+@dataclass(frozen=True)
+class FedGenOptions(Options):
+    hidden_dim: int = option(256, "width of the generator's hidden layer (the official CIFAR setting: 512)", low=1)
+    noise_dim: int = option(32, "size of the generator's noise input (the official CIFAR setting: 64)", low=1)
+    gen_batch_size: int = option(32, "generated samples per generator step and per local regulariser batch", low=1)
+    generator_steps: int = option(50, "Adam steps of the generator per round (0 = never trained)", low=0)
+    generator_lr: float = option(3e-4, "the generator's Adam learning rate", low=0.0, low_open=True)
+    generator_weight_decay: float = option(1e-2, "the generator's Adam weight decay", low=0.0)
+    diversity_weight: float = option(1.0, "weight of the generator's diversity loss", low=0.0)
+    alpha: float = option(10.0, "weight of the local term: the head classifies generated representations", low=0.0)
+    beta: float = option(10.0, "weight of the local term: predictions on real data match the head's on G(y)",
+                         low=0.0)
+    decay: float = option(0.98, "per-round factor on generator_lr, alpha and beta", low=0.0, high=1.0,
+                          low_open=True)
+
+
+@register_algorithm("fedgen")
 class FedGen(FedAvg):
-    name = "fedgen"
     description = "FedAvg plus a server-trained generator of representations that regularises local training"
     reference = ("Zhu, Hong and Zhou, Data-Free Knowledge Distillation for Heterogeneous Federated Learning, "
                  "ICML 2021")
-    defaults = {
-        "hidden_dim": 256,
-        "noise_dim": 32,
-        "gen_batch_size": 32,
-        "generator_steps": 50,
-        "generator_lr": 3e-4,
-        "generator_weight_decay": 1e-2,
-        "diversity_weight": 1.0,
-        "alpha": 10.0,
-        "beta": 10.0,
-        "decay": 0.98,
-    }
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        for key in ("hidden_dim", "noise_dim", "gen_batch_size"):
-            check_range("fedgen", options, key, 1, float("inf"))
-        check_range("fedgen", options, "generator_steps", 0, float("inf"))
-        check_range("fedgen", options, "generator_lr", 0.0, float("inf"), low_open=True)
-        for key in ("generator_weight_decay", "diversity_weight", "alpha", "beta"):
-            check_range("fedgen", options, key, 0.0, float("inf"))
-        check_range("fedgen", options, "decay", 0.0, 1.0, low_open=True)
+    Options = FedGenOptions
 
     def __init__(self, options: Mapping[str, Any], federation: Federation):
         super().__init__(options, federation)

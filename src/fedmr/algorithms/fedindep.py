@@ -10,11 +10,11 @@ from dataclasses import replace
 import torch
 
 from ..maths import Pool, State, mean_pairwise_cosine, pool_mean, replicate, resize_pool, slot
-from .base import Algorithm, TrainResult, TrainTask, prefixed, unprefixed
+from .base import Algorithm, TrainResult, TrainTask, prefixed, register_algorithm, unprefixed
 
 
+@register_algorithm("fedindep")
 class FedIndep(Algorithm):
-    name = "fedindep"
     description = "K independent models trained by random clients, never mixed (FedMR's control)"
     reference = "Hu et al., FedMR: Federated Learning via Model Recombination, arXiv:2208.07677 (control method)"
 

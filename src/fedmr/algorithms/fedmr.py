@@ -5,28 +5,29 @@ except in the optional first stage, where every slot is reset to it (FedAvg with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from ..maths import draw_permutations, recombine_, replicate
-from .base import check_range
+from .base import Options, option, register_algorithm
 from .fedindep import FedIndep
 
 
+@dataclass(frozen=True)
+class FedMROptions(Options):
+    first_stage_rounds: int = option(0, "rounds of the first stage, in which every slot is reset to the pool mean "
+                                        "(two-stage FedMR); 0 = none", low=0)
+    block_fraction: float = option(0.0, "0 = recombine every state entry on its own; p in (0, 1] moves blocks of "
+                                        "about p*L consecutive entries (partial FedMR)", low=0.0, high=1.0)
+
+
+@register_algorithm("fedmr")
 class FedMR(FedIndep):
-    name = "fedmr"
     description = "layer-wise random recombination of the K client models each round (two-stage, partial variants)"
     reference = ("Hu et al., FedMR: Federated Learning via Model Recombination, arXiv:2208.07677; "
                  "Is Aggregation the Only Choice? Federated Learning via Layer-wise Model Recombination, KDD 2024")
-    # block_fraction = 0 means per-key recombination; p in (0, 1] moves blocks of about p*L keys.
-    defaults = {"first_stage_rounds": 0, "block_fraction": 0.0}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        check_range("fedmr", options, "block_fraction", 0.0, 1.0)
-        check_range("fedmr", options, "first_stage_rounds", 0, float("inf"))
+    Options = FedMROptions
 
     def mix(self, round_idx: int, rng: torch.Generator) -> None:
         k = self.federation.clients_per_round

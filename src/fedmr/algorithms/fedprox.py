@@ -3,14 +3,14 @@ weights near the global model it started from, limiting client drift on non-IID 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..training import LocalSettings, LossFn, cross_entropy
-from .base import TrainResult, TrainTask, check_range
+from .base import Options, TrainResult, TrainTask, option, register_algorithm
 from .fedavg import FedAvg
 
 
@@ -24,15 +24,16 @@ def proximal_loss(mu: float, anchor: Sequence[torch.Tensor], base: LossFn = cros
     return loss_fn
 
 
+@dataclass(frozen=True)
+class FedProxOptions(Options):
+    mu: float = option(0.01, "weight of the proximal term (mu/2)||w - w_global||^2", low=0.0)
+
+
+@register_algorithm("fedprox")
 class FedProx(FedAvg):
-    name = "fedprox"
     description = "FedAvg with a proximal term (mu/2)||w - w_global||^2 in every local loss"
     reference = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
-    defaults = {"mu": 0.01}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        check_range("fedprox", options, "mu", 0.0, float("inf"))
+    Options = FedProxOptions
 
     def local_update(self, model: nn.Module, task: TrainTask, x: torch.Tensor, y: torch.Tensor,
                      settings: LocalSettings, generator: torch.Generator) -> TrainResult:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from ..maths import State
 from ..training import LocalSettings, LossFn
-from .base import TrainResult, TrainTask, check_range, prefixed, unprefixed
+from .base import Options, TrainResult, TrainTask, option, prefixed, register_algorithm, unprefixed
 from .client_state import ClientStore
 from .fedavg import FedAvg
 
@@ -71,16 +71,17 @@ def moon_loss(global_model: nn.Module, previous_model: nn.Module | None, mu: flo
     return loss_fn
 
 
+@dataclass(frozen=True)
+class MoonOptions(Options):
+    mu: float = option(5.0, "weight of the model-contrastive term", low=0.0)
+    temperature: float = option(0.5, "temperature of the contrastive softmax", low=0.0, low_open=True)
+
+
+@register_algorithm("moon")
 class Moon(FedAvg):
-    name = "moon"
     description = "FedAvg with a model-contrastive loss pulling local representations to the global model's"
     reference = "Li, He and Song, Model-Contrastive Federated Learning, CVPR 2021"
-    defaults = {"mu": 5.0, "temperature": 0.5}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        check_range("moon", options, "mu", 0.0, float("inf"))
-        check_range("moon", options, "temperature", 0.0, float("inf"), low_open=True)
+    Options = MoonOptions
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

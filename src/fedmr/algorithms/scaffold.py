@@ -17,14 +17,14 @@ Choices, as the paper's Algorithm 1 with option II:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..maths import State
 from ..training import LocalSettings
-from .base import TrainResult, TrainTask, check_range, prefixed, unprefixed
+from .base import Options, TrainResult, TrainTask, option, prefixed, register_algorithm, unprefixed
 from .client_state import ClientStore
 from .fedavg import FedAvg
 
@@ -45,16 +45,18 @@ def option_two_variate(client_c: Mapping[str, torch.Tensor], server_c: Mapping[s
     return new
 
 
+@dataclass(frozen=True)
+class ScaffoldOptions(Options):
+    server_lr: float = option(1.0, "server step size on the weighted mean update (1 = FedAvg's step)",
+                              low=0.0, low_open=True)
+
+
+@register_algorithm("scaffold")
 class Scaffold(FedAvg):
-    name = "scaffold"
     description = "FedAvg with server and client control variates that correct each local gradient for client drift"
     reference = ("Karimireddy et al., SCAFFOLD: Stochastic Controlled Averaging for Federated Learning, "
                  "ICML 2020")
-    defaults = {"server_lr": 1.0}
-
-    @classmethod
-    def check_options(cls, options: Mapping[str, Any]) -> None:
-        check_range("scaffold", options, "server_lr", 0.0, float("inf"), low_open=True)
+    Options = ScaffoldOptions
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

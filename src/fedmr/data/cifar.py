@@ -166,7 +166,7 @@ def load_release(cfg: Mapping[str, Any], key: str) -> DataSet:
         raise DataError(f"CIFAR file {folder / release.meta_file} lacks '{release.names_key}'")
     train_x, train_y = read_batches(folder, release.train_files, release.label_key, len(names))
     test_x, test_y = read_batches(folder, release.test_files, release.label_key, len(names))
-    affine = normalization.resolve(cfg.get("normalization", "auto"), release.default_normalization, 3)
+    affine = normalization.resolve(cfg["normalization"], release.default_normalization, 3)
     return DataSet(
         name=key,
         train_x=normalization.to_tensor(train_x, affine), train_y=torch.from_numpy(train_y),

@@ -34,7 +34,7 @@ def load_digits(cfg: Mapping[str, Any]) -> DataSet:
     n_test = int(round(TEST_FRACTION * len(labels)))
     test, train = order[:n_test], np.sort(order[n_test:])
     pixels = images.repeat(4, axis=2).repeat(4, axis=3).transpose(0, 2, 3, 1)  # (N, 32, 32, 1) in 0..16
-    affine = normalization.resolve(cfg.get("normalization", "auto"), "cifar10", 1)
+    affine = normalization.resolve(cfg["normalization"], "cifar10", 1)
     y = torch.from_numpy(labels)
     test = np.sort(test)
     return DataSet(

@@ -112,7 +112,7 @@ def load_femnist(cfg: Mapping[str, Any]) -> DataSet:
                         f"and test/*.json)")
     files = json_files(root, "train") + json_files(root, "test")
     arrays, _meta = cache.cached("femnist", root, cfg, lambda: parse(root), files)
-    affine = normalization.resolve(cfg.get("normalization", "auto"), DEFAULT_NORMALIZATION, 1)
+    affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, 1)
     scale = 1 / 255 if arrays["train_x"].dtype == np.uint8 else 1.0
     ends = np.cumsum(arrays["writer_sizes"])
     natural = [list(range(int(end - size), int(end))) for size, end in zip(arrays["writer_sizes"], ends)]

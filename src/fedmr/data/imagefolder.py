@@ -147,7 +147,7 @@ def load_imagefolder(cfg: Mapping[str, Any]) -> DataSet:
     files = folder_files(source) if source.is_dir() else []
     arrays, meta = cache.cached("imagefolder", source, cfg, lambda: decode_all(source), files)
     channels = arrays["train_x"].shape[3]
-    affine = normalization.resolve(cfg.get("normalization", "auto"), DEFAULT_NORMALIZATION, channels)
+    affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, channels)
     return DataSet(
         name=source_name(source),
         train_x=normalization.to_tensor(arrays["train_x"], affine), train_y=_labels(arrays["train_y"]),

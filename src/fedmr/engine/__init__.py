@@ -1,5 +1,9 @@
-"""The engine that runs rounds: resident data, runners, validation, the simulation loop."""
+"""The engine that runs rounds: the client step, runners, validation, the recorder, the simulation
+loop and comparisons (see docs/architecture.md)."""
 
+from .compare import ComparisonOutcome, run_comparison
+from .recorder import Recorder
 from .simulator import Experiment, RunOutcome, Simulation, prepare, run_experiment
 
-__all__ = ["Experiment", "RunOutcome", "Simulation", "prepare", "run_experiment"]
+__all__ = ["ComparisonOutcome", "Experiment", "Recorder", "RunOutcome", "Simulation", "prepare", "run_comparison",
+           "run_experiment"]

@@ -33,7 +33,7 @@ from torch import nn
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..errors import ConfigError, FedMRError
 from ..training import LocalSettings
-from .runner import ClientData, train_client
+from .client import ClientData, train_client
 
 log = logging.getLogger("fedmr")
 
@@ -217,10 +217,3 @@ class ProcessPoolRunner:
                 worker.slot = None
                 self._replace(worker)
 
-
-def cpu_count() -> int:
-    """CPUs this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

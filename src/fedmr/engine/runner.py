@@ -1,4 +1,4 @@
-"""Runners train one round's tasks and yield results as they finish.
+"""Runners train one round's tasks and yield results as they finish; ``make_runner`` picks one.
 
 The sequential runner is the reference path; faster runners (worker processes,
 vectorised training) must yield the same results for the same seed.  Each
@@ -9,6 +9,7 @@ stream, so the order in which clients are trained does not matter.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -17,44 +18,12 @@ from torch import nn
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..errors import ConfigError
-from ..seeding import derive_seed, torch_generator
 from ..training import LocalSettings
+from .client import ClientData, train_client
+from .parallel import ProcessPoolRunner
+from .vectorized import VectorizedRunner, unsupported_reason
 
 log = logging.getLogger("fedmr")
-
-
-class ClientData:
-    """Each client's slice of the resident training tensors, gathered by index on demand."""
-
-    def __init__(self, train_x: torch.Tensor, train_y: torch.Tensor, partition: Sequence[Sequence[int]]):
-        self.train_x, self.train_y = train_x, train_y
-        self.indices = [torch.as_tensor(p, dtype=torch.long, device=train_y.device) for p in partition]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.indices[client_id]
-        return self.train_x[idx], self.train_y[idx]
-
-    def sizes(self) -> list[int]:
-        return [int(i.numel()) for i in self.indices]
-
-
-def train_client(
-    algorithm: Algorithm, model: nn.Module, task: TrainTask, data: ClientData,
-    settings: LocalSettings, seed: int, round_idx: int,
-) -> TrainResult:
-    """One client's local update with its own derived random streams."""
-    x, y = data.client(task.client_id)
-    # dropout layers (VGG-16) draw from torch's global generator of the data's device; seeding just
-    # that one is what torch.manual_seed does for it, at a tenth of the cost
-    dropout_seed = derive_seed(seed, "dropout", round_idx, task.client_id)
-    torch.default_generator.manual_seed(dropout_seed)
-    if x.is_cuda:
-        torch.cuda.manual_seed(dropout_seed)
-    generator = torch_generator(seed, "client", round_idx, task.client_id)
-    return algorithm.local_update(model, task, x, y, settings, generator)
 
 
 class SequentialRunner:
@@ -71,11 +40,17 @@ class SequentialRunner:
         pass
 
 
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def resolve_workers(value: int | str, device: torch.device, clients_per_round: int) -> tuple[int, int]:
     """(worker processes, threads each).  "auto": one single-thread process per core on a CPU
     (measured fastest for the paper's models on 2 cores), one process on a GPU."""
-    from .parallel import cpu_count
-
     cores = cpu_count()
     if device.type != "cpu":
         if value not in ("auto", 1):
@@ -89,12 +64,9 @@ def resolve_workers(value: int | str, device: torch.device, clients_per_round: i
 def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, data: ClientData,
                 settings: LocalSettings):
     """The runner the config asks for: vectorized, worker processes or sequential."""
-    from .parallel import ProcessPoolRunner
-    from .vectorized import VectorizedRunner, unsupported_reason
-
     seed, device = cfg["seed"], data.train_x.device
-    timeout = float(cfg.get("client_timeout", 0.0))
-    vectorize = cfg.get("vectorize", "auto")
+    timeout = float(cfg["client_timeout"])
+    vectorize = cfg["vectorize"]
     if vectorize is True and timeout > 0:
         raise ConfigError("client_timeout needs worker processes; it cannot be combined with vectorize = true")
     if vectorize == "auto":
@@ -104,7 +76,7 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
     if vectorize:
         log.info("runner: vectorized (%d clients per batched step)", cfg["clients_per_round"])
         return VectorizedRunner(algorithm, model, data, settings, seed)
-    workers, threads = resolve_workers(cfg.get("workers", 1), device, cfg["clients_per_round"])
+    workers, threads = resolve_workers(cfg["workers"], device, cfg["clients_per_round"])
     if workers > 1 or timeout > 0:  # a timeout needs a process it can stop
         log.info("runner: %d worker processes x %d threads", workers, threads)
         return ProcessPoolRunner(algorithm, model, data, settings, seed, workers, threads, timeout)

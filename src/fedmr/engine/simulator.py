@@ -6,9 +6,14 @@ algorithm object is the same one the Flower apps drive.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,15 +27,17 @@ from tqdm import tqdm
 from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
 from ..algorithms.base import Algorithm
 from ..data import DataSet, load_dataset
-from ..errors import ConfigError
+from ..config import load_config
+from ..errors import CheckpointError, ConfigError
 from ..maths import State
 from ..models import build_model
 from ..partition import Partition, config_json, format_summary, make_partition, summarize
-from ..results import RunWriter, summarize_metrics
+from ..results import RunWriter
 from ..seeding import derive_seed, numpy_rng, torch_generator
-from ..training import LocalSettings, clone_state, evaluate
-from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
-from .runner import ClientData, make_runner
+from ..training import LocalSettings, clone_state
+from .client import ClientData
+from .recorder import Recorder, RowCallback
+from .runner import make_runner
 from .validation import update_problem
 
 log = logging.getLogger("fedmr")
@@ -69,6 +76,12 @@ class Experiment:
             label_counts=counts,
         )
 
+    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
+        """The results folder's record of who holds which data: partition.json (each client's sample
+        indices, the authors' format) and its summary.  An experiment whose clients hold their data
+        themselves (a Flower federation of sites) writes what it knows instead."""
+        writer.write_partition(config_json(self.partition, cfg), self.partition_summary)
+
     def new_model(self) -> torch.nn.Module:
         model = build_model(self.model_name, self.data.num_classes, self.data.in_channels, self.data.image_size)
         model.load_state_dict(self.initial_state)
@@ -97,12 +110,7 @@ class RunOutcome:
     out_dir: Path | None = None
     algorithm: Algorithm | None = field(default=None, repr=False)
     stopped_after: int | None = None  # set when a signal stopped the run after this many rounds
-
-
-def write_run_header(writer: RunWriter, cfg: dict[str, Any], exp: Experiment) -> None:
-    """config.toml, partition.json and its summary: what every results folder starts with."""
-    writer.write_config(cfg)
-    writer.write_partition(config_json(exp.partition, cfg), exp.partition_summary)
+    stop_signal: int = 0  # that signal's number
 
 
 def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) -> set[int]:
@@ -115,10 +123,11 @@ def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) 
 
 
 class Simulation:
-    """Runs one algorithm on a prepared experiment, writing results as it goes."""
+    """Runs one algorithm on a prepared experiment; its ``Recorder`` evaluates, writes and checkpoints."""
 
     def __init__(self, experiment: Experiment, *, algorithm: str | None = None, out_dir: str | Path | None = None,
-                 progress: str = "bar", label: str | None = None, resume: bool = False):
+                 progress: str = "bar", label: str | None = None, resume: bool = False,
+                 on_row: Iterable[RowCallback] = ()):
         self.exp = experiment
         self.cfg = dict(experiment.cfg)
         if algorithm is not None:
@@ -130,14 +139,22 @@ class Simulation:
         self.runner = make_runner(self.cfg, self.algorithm, self.model, self.client_data, self.settings)
         self.writer = RunWriter(out_dir, resume=resume) if out_dir is not None else None
         self.resume = resume
-        self.stop_requested = 0  # a signal number: finish the round, checkpoint, stop (set by the CLI)
+        self.stop_requested = 0  # a signal number: finish the round, checkpoint, stop (see stop_on_signals)
         self.progress = progress
         self.label = label or self.cfg["algorithm"]
-        self.rows: list[dict[str, Any]] = []
+        # the recorder evaluates on the training model object, as the runner reuses it (no extra copy)
+        self.recorder = Recorder(self.cfg, experiment, self.algorithm, self.writer, model=self.model,
+                                 on_row=[self._show, *on_row])
+        self._bar: Any = None
+        self._round_started = 0.0
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.recorder.rows
 
     # ---- one round ---------------------------------------------------------------------
     def _validated(self, results: Iterable[TrainResult], tasks: list[TrainTask], counts: dict[str, Any]) -> Iterator[TrainResult]:
-        limit = float(self.cfg.get("max_update_norm", 0.0))
+        limit = float(self.cfg["max_update_norm"])
         for result in results:
             counts["delivered"] += 1
             problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
@@ -152,7 +169,7 @@ class Simulation:
         seed = self.cfg["seed"]
         clients = self.algorithm.select_clients(round_idx, numpy_rng(seed, "select", round_idx))
         tasks = self.algorithm.configure_train(round_idx, clients)
-        lost = dropped_clients(seed, round_idx, clients, self.cfg.get("dropout_rate", 0.0))
+        lost = dropped_clients(seed, round_idx, clients, self.cfg["dropout_rate"])
         live = [task for task in tasks if task.client_id not in lost]
         counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "delivered": 0, "losses": []}
         results = self._validated(self.runner.run(round_idx, live), tasks, counts)
@@ -163,80 +180,94 @@ class Simulation:
                 "train_loss": sum(losses) / len(losses) if losses else float("nan")}
 
     def evaluate(self) -> tuple[float, float]:
-        self.model.load_state_dict(self.algorithm.global_state())
-        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
+        return self.recorder.evaluate()
+
+    def _show(self, row: dict[str, Any]) -> None:
+        """Progress after each evaluation: the bar's postfix, or a log line with --quiet."""
+        if self._bar is not None:
+            self._bar.set_postfix(acc=f"{row['accuracy']:.4f}", s_per_round=f"{time.perf_counter() - self._round_started:.2f}",
+                                  refresh=False)
+        if self.progress == "log":
+            print(f"[{self.label}] round {row['round']}/{self.cfg['rounds']} accuracy {row['accuracy']:.4f} "
+                  f"loss {row['loss']:.4f} elapsed {row['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
 
     # ---- the whole run -----------------------------------------------------------------
-    def _write_header(self) -> None:
-        if self.writer is not None:
-            write_run_header(self.writer, self.cfg, self.exp)
-
-    def _restore(self) -> tuple[int, float]:
-        """When resuming, load the newest usable checkpoint: (rounds already done, seconds they took)."""
-        self.fingerprint = (fingerprint(self.cfg, self.exp.partition, self.exp.initial_state)
-                            if self.writer is not None else None)
-        if not self.resume or self.writer is None:
-            return 0, 0.0
-        done, self.rows, elapsed = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint,
-                                                          self.cfg["rounds"], self.exp.device)
-        return done, elapsed
-
-    def _checkpoint(self, rounds_done: int, elapsed_s: float) -> None:
-        assert self.writer is not None and self.fingerprint is not None
-        save_checkpoint(self.writer.dir, rounds_done, self.algorithm.server_state(), self.rows, elapsed_s, self.fingerprint)
-
     def run(self) -> RunOutcome:
-        cfg = self.cfg
-        rounds, every = cfg["rounds"], cfg["eval_every"]
-        checkpoint_every = cfg.get("checkpoint_every") or every
-        self.algorithm.setup(self.exp.initial_state)
-        first, elapsed_before = self._restore()
-        self._write_header()  # after the checkpoint is accepted: a refused resume leaves config.toml as it was
-        bar = tqdm(total=rounds, initial=first, desc=self.label, disable=self.progress != "bar", dynamic_ncols=True,
-                   file=sys.stderr, unit="round")
-        start = time.perf_counter() - elapsed_before
+        rounds = self.cfg["rounds"]
+        first = self.recorder.start(self.resume)
+        self._bar = tqdm(total=rounds, initial=first, desc=self.label, disable=self.progress != "bar",
+                         dynamic_ncols=True, file=sys.stderr, unit="round")
         stopped_after = None
         try:
             for r in range(first, rounds):
-                t0 = time.perf_counter()
+                self._round_started = time.perf_counter()
                 round_stats = self.run_round(r)
-                if (r + 1) % every == 0 or r == rounds - 1:
-                    acc, loss = self.evaluate()
-                    row = {"round": r + 1, "accuracy": acc, "loss": loss, **round_stats,
-                           "pool_cosine": None, **self.algorithm.round_metrics(),
-                           "elapsed_s": time.perf_counter() - start}
-                    self.rows.append(row)
-                    if self.writer is not None:
-                        self.writer.write_metrics(self.rows)
-                    bar.set_postfix(acc=f"{acc:.4f}", s_per_round=f"{time.perf_counter() - t0:.2f}", refresh=False)
-                    if self.progress == "log":
-                        print(f"[{self.label}] round {r + 1}/{rounds} accuracy {acc:.4f} loss {loss:.4f} "
-                              f"elapsed {row['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
-                if self.writer is not None and ((r + 1) % checkpoint_every == 0 or r == rounds - 1 or self.stop_requested):
-                    self._checkpoint(r + 1, time.perf_counter() - start)
-                bar.update(1)
+                self.recorder.record(r + 1, round_stats)
+                self.recorder.checkpoint(r + 1, force=bool(self.stop_requested))  # read after the evaluation
+                self._bar.update(1)
                 if self.stop_requested:
                     stopped_after = r + 1
                     break
         finally:
-            bar.close()
+            self._bar.close()
             self.runner.close()
+        out_dir = self.writer.dir if self.writer else None
         if stopped_after is not None:
-            return RunOutcome(self.rows, {}, self.algorithm.global_state(), self.writer.dir if self.writer else None,
-                              self.algorithm, stopped_after=stopped_after)
-        wall = time.perf_counter() - start
-        summary = {"algorithm": cfg["algorithm"], "dataset": cfg["dataset"], "model": self.exp.model_name,
-                   **summarize_metrics(self.rows, wall, rounds)}
-        if self.writer is not None:
-            save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
-            self.writer.write_summary(summary)
-        return RunOutcome(self.rows, summary, self.algorithm.global_state(),
-                          self.writer.dir if self.writer else None, self.algorithm)
+            return RunOutcome(self.rows, {}, self.algorithm.global_state(), out_dir, self.algorithm,
+                              stopped_after=stopped_after, stop_signal=int(self.stop_requested))
+        summary = self.recorder.finish()
+        return RunOutcome(self.rows, summary, self.algorithm.global_state(), out_dir, self.algorithm)
 
 
-def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, progress: str = "bar") -> RunOutcome:
-    """Convenience: prepare and run one config."""
-    exp = prepare(cfg)
+@contextlib.contextmanager
+def stop_on_signals(simulation: Simulation) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the round, write a checkpoint, stop. A second one aborts at once.
+    Outside the main thread (where Python cannot take signals) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker inherited this handler: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if simulation.stop_requested:
+            raise KeyboardInterrupt
+        simulation.stop_requested = signum
+        print(f"\nfedmr: {signal.Signals(signum).name}: finishing this round and writing a checkpoint "
+              "(send it again to abort without one)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> dict[str, Any]:
+    """The config of the run in ``folder`` (its config.toml) with ``assignments`` applied: what
+    ``fedmr run --resume`` continues.  Only the keys in ``RESUMABLE_CHANGES`` may differ from the
+    saved ones, which the checkpoint's fingerprint checks."""
+    folder = Path(folder)
+    if not (folder / "config.toml").is_file():
+        raise CheckpointError(f"no run to resume in {folder} (no config.toml); start it with: "
+                              f"fedmr run --out {shlex.quote(str(folder))}")
+    return load_config(folder / "config.toml", assignments)
+
+
+def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, progress: str = "bar", *,
+                   resume: bool = False, data: DataSet | None = None,
+                   on_row: Iterable[RowCallback] = ()) -> RunOutcome:
+    """Prepare and run one config (``fedmr run``): the partition summary on stderr unless
+    ``progress`` is "none", the first SIGINT/SIGTERM stops it after a checkpoint (``stopped_after``,
+    ``stop_signal``).  ``resume`` continues the run in ``out_dir``; ``data`` replaces the config's
+    data set; ``on_row`` callables get each metrics row."""
+    exp = prepare(cfg, data)
     if progress != "none":
         print(format_summary(exp.partition_summary), file=sys.stderr)
-    return Simulation(exp, out_dir=out_dir, progress=progress).run()
+    simulation = Simulation(exp, out_dir=out_dir, progress=progress, resume=resume, on_row=on_row)
+    with stop_on_signals(simulation):
+        return simulation.run()

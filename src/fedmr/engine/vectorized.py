@@ -28,7 +28,7 @@ from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..errors import ConfigError
 from ..seeding import torch_generator
 from ..training import LocalSettings, batch_slices
-from .runner import ClientData
+from .client import ClientData
 
 
 def unsupported_reason(algorithm: Algorithm, model: nn.Module) -> str | None:

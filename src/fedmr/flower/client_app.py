@@ -1,6 +1,6 @@
 """The Flower ClientApp: answers the server's query (its partition, or with ``flower.data = "node"``
 what its own data-dir holds), trains one task with the algorithm's own ``local_update`` (through
-``engine.runner.train_client``, the simulator's path) and evaluates the global model on its local
+``engine.client.train_client``, the simulator's path) and evaluates the global model on its local
 test data.  The loaded data stay cached in the ClientApp process, so a long-lived ClientApp
 (``flower-supernode --isolation process`` + ``flwr-clientapp``) loads them once per run."""
 
@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..algorithms import Federation, build_algorithm
-from ..engine.runner import ClientData, train_client
+from ..engine.client import ClientData, train_client
 from ..errors import PartitionError
 from ..models import build_model
 from ..training import LocalSettings, evaluate

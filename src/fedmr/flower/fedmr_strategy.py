@@ -177,6 +177,9 @@ class FedIndep(FedAvg):
         return self.evaluate_metrics_aggr_fn(sound, self.weighted_by_key) if sound else None
 
 
+FEDMR_DEFAULTS = FedMRAlgorithm.Options.defaults()  # the declared defaults, as `fedmr run` has them
+
+
 class FedMR(FedIndep):
     """FedMR (Hu et al.) as a Flower strategy: each sampled node trains a different model of the pool,
     the returned models are recombined layer by layer; ``first_stage_rounds`` rounds of equal-weight
@@ -189,7 +192,8 @@ class FedMR(FedIndep):
                  arrayrecord_key: str = "arrays", configrecord_key: str = "config",
                  train_metrics_aggr_fn: MetricsAggregation | None = None,
                  evaluate_metrics_aggr_fn: MetricsAggregation | None = None,
-                 first_stage_rounds: int = 0, block_fraction: float = 0.0) -> None:
+                 first_stage_rounds: int = FEDMR_DEFAULTS["first_stage_rounds"],
+                 block_fraction: float = FEDMR_DEFAULTS["block_fraction"]) -> None:
         super().__init__(fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes,
                          weighted_by_key, arrayrecord_key, configrecord_key, train_metrics_aggr_fn,
                          evaluate_metrics_aggr_fn)

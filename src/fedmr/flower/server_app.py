@@ -1,8 +1,10 @@
-"""The Flower ServerApp: the fedmr algorithm behind an ``AlgorithmStrategy``, the global model
-evaluated every ``eval_every`` rounds on the server's test set (when it has one) and on the nodes'
-own test data (``flower.fraction_evaluate``), results and checkpoints in the folder layout of
-``fedmr run``; ``flower.resume = true`` continues a run from its last good checkpoint.  With
-``flower.data = "node"`` the server holds no training data: the sites tell it what they hold."""
+"""The Flower ServerApp: the fedmr algorithm behind an ``AlgorithmStrategy``; after each round the
+engine's ``Recorder`` (the simulator's) evaluates the global model every ``eval_every`` rounds on
+the server's test set (when it has one) and writes results and checkpoints in the folder layout of
+``fedmr run``, the same columns with the same values, plus the nodes' federated evaluation on their
+own test data (``flower.fraction_evaluate``) as the recorder's extra columns; ``flower.resume = true``
+continues a run from its last good checkpoint.  With ``flower.data = "node"`` the server holds no
+training data: the sites tell it what they hold."""
 
 from __future__ import annotations
 
@@ -10,22 +12,21 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-import torch
-
-from ..algorithms import Algorithm, Federation, build_algorithm
+from ..algorithms import Federation, build_algorithm
 from ..data import DataSet
-from ..engine.checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
-from ..engine.simulator import Experiment, prepare, resolve_device, write_run_header
+from ..engine.recorder import Recorder
+from ..engine.simulator import Experiment, prepare, resolve_device
 from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
-from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
-from ..training import evaluate
+from ..results import RunWriter
 from .grid import PollingGrid
 from .sites import initial_state, read_site, site_federation
 from .strategy import AlgorithmStrategy, discover_sites
@@ -44,96 +45,85 @@ def results_dir(run: FlowerRunConfig) -> Path:
 
 
 class CentralEvaluation:
-    """The strategy's ``evaluate_fn``, called after every round: the algorithm's global model (FedMR:
-    the pool mean) on the test set every ``eval_every`` rounds and after the last, one metrics row
-    each, written as it goes; a checkpoint every ``checkpoint_every`` rounds (default: at every
-    evaluation) and after the last, exactly as ``fedmr run`` writes them."""
+    """The strategy's ``evaluate_fn``, called after every round: it hands the round to the run's
+    ``Recorder`` (the one ``fedmr run`` uses), with the round's federated evaluation (if any) as the
+    extra columns; the recorder evaluates the algorithm's global model (FedMR: the pool mean) when
+    due, writes the metrics row and checkpoints, exactly as ``fedmr run`` does."""
 
-    def __init__(self, exp: Experiment, algorithm: Algorithm, strategy: AlgorithmStrategy, writer: RunWriter,
-                 run_fingerprint: dict[str, Any], rows: list[dict[str, Any]], elapsed_before: float = 0.0,
-                 columns: list[str] = METRIC_COLUMNS):
-        self.exp, self.algorithm, self.strategy, self.writer = exp, algorithm, strategy, writer
-        self.fingerprint = run_fingerprint
-        self.model = exp.new_model()
-        self.rounds, self.every = exp.cfg["rounds"], exp.cfg["eval_every"]
-        self.checkpoint_every = exp.cfg.get("checkpoint_every") or self.every
-        self.rows, self.columns = rows, columns
-        self.start = time.perf_counter() - elapsed_before
+    def __init__(self, recorder: Recorder, strategy: AlgorithmStrategy):
+        self.recorder, self.strategy = recorder, strategy
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.recorder.rows
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
             return None
         done = self.strategy.rounds_before + server_round  # rounds of the whole run so far
-        record = None
-        if done % self.every == 0 or done == self.rounds:
-            acc = loss = math.nan  # no server-side test set (flower.data = "node" without flower.server_test_dir)
-            if self.exp.data.test_y.numel():
-                self.model.load_state_dict(self.algorithm.global_state())
-                acc, loss = evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.exp.cfg["test_batch_size"])
-            row: dict[str, Any] = {"round": done, "accuracy": acc, "loss": loss, **self.strategy.last_round,
-                                   **self.strategy.last_eval,
-                                   "pool_cosine": self.algorithm.round_metrics().get("pool_cosine"),
-                                   "elapsed_s": time.perf_counter() - self.start}
-            self.rows.append(row)
-            self.writer.write_metrics(self.rows, self.columns)
-            if not math.isnan(acc):
-                log.info("round %d: accuracy %.4f loss %.4f", done, acc, loss)
-                record = MetricRecord({"accuracy": acc, "loss": loss})
-        if done % self.checkpoint_every == 0 or done == self.rounds:
-            save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows,
-                            time.perf_counter() - self.start, self.fingerprint)
-        return record
+        row = self.recorder.end_round(done, self.strategy.last_round, extra=self.strategy.last_eval)
+        if row is None or math.isnan(row["accuracy"]):  # not due, or no server-side test set
+            return None
+        log.info("round %d: accuracy %.4f loss %.4f", done, row["accuracy"], row["loss"])
+        return MetricRecord({"accuracy": row["accuracy"], "loss": row["loss"]})
 
 
 def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
-    """Prepare the experiment exactly as ``fedmr run`` does, then let Flower drive the rounds."""
+    """Prepare the experiment exactly as ``fedmr run`` does (or, with ``flower.data = "node"``, from
+    what the sites hold), then let Flower drive the rounds."""
     run = split_run_config(run_config)
-    if run.cfg.get("dropout_rate", 0.0) > 0:
+    if run.cfg["dropout_rate"] > 0:
         raise ConfigError("dropout_rate is the simulator's stand-in for failing clients; on Flower keep it 0 "
                           "(real SuperNodes fail by themselves, and flower.faults injects failures)")
     resume = bool(run.flower["resume"])
     if resume and not run.flower["out"]:
         raise ConfigError("flower.resume needs flower.out: the folder of the run to continue")
-    if run.flower["data"] == "node":
-        exp, federation, node_of = site_experiment(run, grid)
-    else:
-        exp, node_of = prepare(run.cfg), {}
-        federation = exp.federation
+    exp = site_experiment(run, grid) if run.flower["data"] == "node" else prepare(run.cfg)
     out = results_dir(run)
-    fed_eval = float(run.flower["fraction_evaluate"]) > 0
+    fraction_evaluate = float(run.flower["fraction_evaluate"])
     writer = RunWriter(out, resume=resume)
-    algorithm = build_algorithm(run.cfg, federation)
-    algorithm.setup(exp.initial_state)
-    run_fingerprint = fingerprint(exp.cfg, exp.partition, exp.initial_state)
-    rounds_before, rows, elapsed = (resume_from_checkpoint(out, algorithm, run_fingerprint, run.cfg["rounds"], exp.device)
-                                    if resume else (0, [], 0.0))
-    if node_of:  # after the checkpoint is accepted, as fedmr run does
-        writer.write_config(exp.cfg)
-        atomic_write_text(out / "sites.json", json.dumps(exp.partition_summary, indent=1))
-    else:
-        write_run_header(writer, exp.cfg, exp)
+    algorithm = build_algorithm(run.cfg, exp.federation)
+    recorder = Recorder(exp.cfg, exp, algorithm, writer, extra_columns=FED_COLUMNS if fraction_evaluate > 0 else ())
+    rounds_before = recorder.start(resume)
     strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
                                  max_update_norm=float(run.cfg["max_update_norm"]),
                                  node_wait=float(run.flower["node_wait"]),
                                  message_log=out / "messages.jsonl" if run.flower["log_messages"] else None,
-                                 rounds_before=rounds_before, fraction_evaluate=float(run.flower["fraction_evaluate"]),
-                                 eval_every=run.cfg["eval_every"], num_rounds=run.cfg["rounds"])
-    strategy.node_of.update(node_of)
-    evaluation = CentralEvaluation(exp, algorithm, strategy, writer, run_fingerprint, rows, elapsed,
-                                   columns=METRIC_COLUMNS + list(FED_COLUMNS) if fed_eval else METRIC_COLUMNS)
+                                 rounds_before=rounds_before, fraction_evaluate=fraction_evaluate,
+                                 evaluation_due=recorder.evaluation_due)
+    if isinstance(exp, SiteExperiment):
+        strategy.node_of.update(exp.node_of)
+    evaluation = CentralEvaluation(recorder, strategy)
     if rounds_before < run.cfg["rounds"]:
         strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in algorithm.global_state().items()}),
                        num_rounds=run.cfg["rounds"] - rounds_before, timeout=float(run.flower["round_timeout"]),
                        evaluate_fn=evaluation)
-    wall = time.perf_counter() - evaluation.start
-    save_tensors(out / "model.safetensors", algorithm.global_state())
-    writer.write_summary({"algorithm": run.cfg["algorithm"], "dataset": run.cfg["dataset"], "model": exp.model_name,
-                          "engine": "flower", **summarize_metrics(evaluation.rows, wall, run.cfg["rounds"])})
+    recorder.finish({"engine": "flower"})
     log.info("results in %s", out)
     return out
 
 
-def site_experiment(run: FlowerRunConfig, grid: Grid) -> tuple[Experiment, Federation, dict[int, int]]:
+@dataclass
+class SiteExperiment(Experiment):
+    """``flower.data = "node"``: an experiment whose clients hold their data themselves.  Its data set
+    has no training samples (and test samples only from ``flower.server_test_dir``); ``partition`` is
+    each site's label counts (what the checkpoint fingerprint covers: the server has no sample
+    indices) and ``partition_summary`` what the sites reported, written as ``sites.json`` instead of
+    ``partition.json``; the federation is the sites' (client i is the i-th node, ascending id)."""
+
+    site_federation: Federation | None = None
+    node_of: dict[int, int] = field(default_factory=dict)  # client id -> node id
+
+    @property
+    def federation(self) -> Federation:
+        assert self.site_federation is not None
+        return self.site_federation
+
+    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
+        atomic_write_text(writer.dir / "sites.json", json.dumps(self.partition_summary, indent=1))
+
+
+def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
     """``flower.data = "node"``: the experiment without training data on the server; the sites say what
     they hold, client i is the i-th node (ascending id).  Central evaluation only on
     ``flower.server_test_dir``'s test split, which also fixes the classes and shape every site must have."""
@@ -150,12 +140,12 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> tuple[Experiment, Feder
     data = DataSet("sites", nothing, torch.zeros(0, dtype=torch.long), test_x, test_y, len(classes), classes,
                    default_model=model_name).to(device)
     initial = {k: v.to(device) for k, v in initial_state(cfg, model_name, len(classes), shape).items()}
-    # the checkpoint fingerprint's "partition": each site's label counts (the server has no sample indices)
     partition = [list(info["label-counts"]) for _, info in sites]
     summary = {"clients": [{"client": i, "node": node, **{k: info[k] for k in ("data-dir", "num-examples", "test-examples", "label-counts")}}
                            for i, (node, info) in enumerate(sites)], "classes": classes, "shape": shape}
-    exp = Experiment(cfg, data, partition, summary, model_name, initial, device)
-    return exp, site_federation(cfg, sites), {i: node for i, (node, _) in enumerate(sites)}
+    return SiteExperiment(cfg, data, partition, summary, model_name, initial, device,
+                          site_federation=site_federation(cfg, sites),
+                          node_of={i: node for i, (node, _) in enumerate(sites)})
 
 
 @app.main()

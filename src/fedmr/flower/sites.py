@@ -50,7 +50,7 @@ class SiteData:
         return [int(s) for s in self.train_x.shape[1:]]
 
     def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``engine.runner.ClientData``'s interface: whichever client id the server gave this node,
+        """``engine.client.ClientData``'s interface: whichever client id the server gave this node,
         its data are this site's."""
         return self.train_x, self.train_y
 

@@ -6,9 +6,11 @@ strategy only routes tasks to the SuperNodes that host those clients and
 turns replies into ``TrainResult``s.  It uses the simulator's random streams
 (select/round, server/round), so a seed gives the same run on either engine.
 
-Every ``eval_every`` rounds (and after the last) it can also send the global model to a
+On the rounds the run's ``Recorder`` evaluates (``evaluation_due``: every ``eval_every`` rounds
+and after the last; without one, every round) it can also send the global model to a
 ``fraction_evaluate`` sample of the nodes, which evaluate it on their own test data; the
-sample-weighted accuracy and loss become ``last_eval`` (fed_accuracy, fed_loss, fed_examples).
+sample-weighted accuracy and loss become ``last_eval`` (fed_accuracy, fed_loss, fed_examples),
+which the ServerApp hands to the recorder as its extra columns.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +92,7 @@ class AlgorithmStrategy(Strategy):
 
     def __init__(self, algorithm: Algorithm, *, seed: int, reference: State, max_update_norm: float = 0.0,
                  node_wait: float = 120.0, message_log: Path | None = None, rounds_before: int = 0,
-                 fraction_evaluate: float = 0.0, eval_every: int = 1, num_rounds: int = 0):
+                 fraction_evaluate: float = 0.0, evaluation_due: Callable[[int], bool] = lambda done: True):
         self.algorithm = algorithm
         self.seed = seed
         self.rounds_before = rounds_before
@@ -102,7 +104,8 @@ class AlgorithmStrategy(Strategy):
         self.tasks: list[TrainTask] = []
         self.sent: list[Message] = []  # the last round's train messages (tests inspect them)
         self.last_round: dict[str, Any] = {}
-        self.fraction_evaluate, self.eval_every, self.num_rounds = fraction_evaluate, eval_every, num_rounds
+        self.fraction_evaluate = fraction_evaluate
+        self.evaluation_due = evaluation_due  # rounds done (whole run) -> evaluate now? (the Recorder's)
         self.last_eval: dict[str, Any] = {}  # the latest federated evaluation, for the metrics row
 
     # ---- routing ------------------------------------------------------------------------
@@ -198,7 +201,7 @@ class AlgorithmStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         done = self.rounds_before + server_round
         self.last_eval = {}
-        if self.fraction_evaluate <= 0 or not (done % self.eval_every == 0 or done == self.num_rounds):
+        if self.fraction_evaluate <= 0 or not self.evaluation_due(done):
             return []
         nodes = sorted(set(self.node_of.values()))
         count = min(len(nodes), max(1, math.ceil(self.fraction_evaluate * len(nodes))))

@@ -1,0 +1,165 @@
+"""A run's bookkeeping, the same for every front end: when to evaluate, what a metrics row holds,
+when to checkpoint, and what a finished run leaves behind.
+
+The simulator (``Simulation.run``) and the Flower ServerApp (``CentralEvaluation``) drive rounds in
+their own ways, but each hands every finished round to one ``Recorder``, so their ``metrics.csv``,
+checkpoints and ``summary.json`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..algorithms.base import Algorithm
+from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
+from ..training import evaluate
+from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
+
+if TYPE_CHECKING:  # the simulator imports this module; the recorder only reads an Experiment
+    from .simulator import Experiment
+
+Row = dict[str, Any]
+RowCallback = Callable[[Row], None]
+
+
+def write_run_header(writer: RunWriter, cfg: Mapping[str, Any], exp: "Experiment") -> None:
+    """config.toml, then the experiment's record of its clients' data (``Experiment.write_clients``:
+    partition.json and its summary): what every results folder starts with."""
+    writer.write_config(cfg)
+    exp.write_clients(writer, cfg)
+
+
+class Recorder:
+    """One run's bookkeeping: call ``start`` once, ``end_round`` after every round, ``finish`` at the end.
+
+    * Evaluation: the algorithm's global model on the test set after every ``eval_every``-th round
+      and after the last one (``evaluation_due``; a front end that also evaluates elsewhere, e.g.
+      Flower's federated evaluation, asks it too).  An experiment without test samples gets empty
+      accuracy/loss cells instead of an evaluation.
+    * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, then the round's ``clients``,
+      ``rejected``, ``dropped`` and ``train_loss`` as the front end counted them, then the
+      algorithm's ``round_metrics()``: ``pool_cosine`` and ``client_state_mb``, empty when the
+      algorithm has none, then ``elapsed_s`` since the run began, resumed runs included).
+    * Checkpoints: after every ``checkpoint_every``-th round (0: at every evaluation), after the
+      last one, and whenever the front end asks (``force``: a stop signal).
+    * The end: ``model.safetensors`` (the global model) and ``summary.json``.
+
+    Extra columns: a front end that measures more per evaluation (e.g. Flower's federated
+    evaluation, ``fed_accuracy`` / ``fed_loss``) names them once in ``extra_columns`` and passes
+    their values each round as ``end_round(..., extra={"fed_accuracy": ...})``.  They are written
+    after the standard columns (which stay exactly as ``fedmr run`` writes them), in the order
+    named, and kept in the checkpointed rows; a column with no value in a row is left empty.
+    Naming a standard column, or passing a value for a column not named, is a ValueError: an extra
+    column adds a measurement, it never changes what a standard one means.
+
+    ``on_row`` callables get each new row (a dict of the columns) after it is written: progress
+    lines, TensorBoard, a user's logging.  Without a ``writer`` nothing is written to disk (the
+    rows and summary are still returned).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], exp: "Experiment", algorithm: Algorithm, writer: RunWriter | None,
+                 *, model: torch.nn.Module | None = None, extra_columns: Sequence[str] = (),
+                 on_row: Iterable[RowCallback] = ()):
+        clash = [c for c in extra_columns if c in METRIC_COLUMNS]
+        if clash:
+            raise ValueError(f"extra column '{clash[0]}' is a standard metrics column")
+        if len(set(extra_columns)) != len(extra_columns):
+            raise ValueError("extra_columns lists a column twice")
+        self.cfg, self.exp, self.algorithm, self.writer = cfg, exp, algorithm, writer
+        self.model = model if model is not None else exp.new_model()
+        self.extra_columns = tuple(extra_columns)
+        self.columns = [*METRIC_COLUMNS, *self.extra_columns]
+        self.on_row = list(on_row)
+        self.rounds, self.every = cfg["rounds"], cfg["eval_every"]
+        self.checkpoint_every = cfg["checkpoint_every"] or self.every
+        self.rows: list[Row] = []
+        self.fingerprint: dict[str, Any] | None = None
+        self._start = time.perf_counter()
+
+    # ---- the beginning ---------------------------------------------------------------------
+    def start(self, resume: bool = False) -> int:
+        """Set the algorithm up; when resuming, load the newest usable checkpoint; then write the
+        folder's header (after the checkpoint is accepted: a refused resume leaves config.toml as it
+        was).  Returns the rounds already done."""
+        self.algorithm.setup(self.exp.initial_state)
+        done, elapsed = 0, 0.0
+        if self.writer is not None:
+            self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state)
+            if resume:
+                done, self.rows, elapsed = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint,
+                                                                  self.rounds, self.exp.device)
+            write_run_header(self.writer, self.cfg, self.exp)
+        self._start = time.perf_counter() - elapsed
+        return done
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, including the part before a resume."""
+        return time.perf_counter() - self._start
+
+    # ---- every round -----------------------------------------------------------------------
+    def evaluation_due(self, done: int) -> bool:
+        """Whether the global model is evaluated after ``done`` rounds of the whole run."""
+        return done % self.every == 0 or done == self.rounds
+
+    def checkpoint_due(self, done: int, force: bool = False) -> bool:
+        return self.writer is not None and (force or done % self.checkpoint_every == 0 or done == self.rounds)
+
+    def evaluate(self) -> tuple[float, float]:
+        """(accuracy, loss) of the algorithm's global model on the test set; (NaN, NaN), written as
+        empty cells, when the experiment has no test samples (a Flower federation whose server holds
+        no test set: the sites evaluate, in the front end's extra columns)."""
+        if not len(self.exp.data.test_y):
+            return math.nan, math.nan
+        self.model.load_state_dict(self.algorithm.global_state())
+        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
+
+    def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
+        """After round ``done`` (1-based, whole run): evaluate when due and write the row; the row or None."""
+        if not self.evaluation_due(done):
+            return None
+        extra = dict(extra or {})
+        unknown = [k for k in extra if k not in self.extra_columns]
+        if unknown:
+            raise ValueError(f"metric '{unknown[0]}' is not among the recorder's extra_columns {self.extra_columns}")
+        acc, loss = self.evaluate()
+        row: Row = {"round": done, "accuracy": acc, "loss": loss, **round_stats,
+                    "pool_cosine": None, **self.algorithm.round_metrics(),
+                    **{c: extra.get(c) for c in self.extra_columns}, "elapsed_s": self.elapsed()}
+        self.rows.append(row)
+        if self.writer is not None:
+            self.writer.write_metrics(self.rows, self.columns)
+        for callback in self.on_row:
+            callback(row)
+        return row
+
+    def checkpoint(self, done: int, force: bool = False) -> bool:
+        """Write the checkpoint after round ``done`` when due (or ``force``d); whether one was written."""
+        if not self.checkpoint_due(done, force):
+            return False
+        assert self.writer is not None and self.fingerprint is not None, "start() first"
+        save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint)
+        return True
+
+    def end_round(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+                  force_checkpoint: bool = False) -> Row | None:
+        """``record`` then ``checkpoint``: everything that follows a round."""
+        row = self.record(done, round_stats, extra)
+        self.checkpoint(done, force_checkpoint)
+        return row
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self, summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The run's summary (``summary_extra`` after the algorithm, data set and model); with a writer
+        also ``model.safetensors`` and ``summary.json``."""
+        wall = self.elapsed()
+        summary = {"algorithm": self.cfg["algorithm"], "dataset": self.cfg["dataset"], "model": self.exp.model_name,
+                   **(summary_extra or {}), **summarize_metrics(self.rows, wall, self.rounds)}
+        if self.writer is not None:
+            save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
+            self.writer.write_summary(summary)
+        return summary

@@ -1,0 +1,144 @@
+"""``fedmr study run FILE`` and ``fedmr study report FILE`` (wired into the main parser by ``add_parser``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def add_parser(subparsers: Any) -> None:
+    study = subparsers.add_parser("study", help="run a grid of experiments (a study file) and build its results page")
+    sub = study.add_subparsers(dest="study_command", required=True)
+    run = sub.add_parser("run", help="run every cell of the study that has no finished results (resumable)")
+    run.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
+    run.add_argument("--dry-run", action="store_true", help="list the cells, which are done and where, and stop")
+    run.add_argument("--only", metavar="KEY=VALUE", action="append", default=[],
+                     help="only the cells that match (repeatable): name=..., priority=2, section=..., or a config "
+                          "key such as alpha=0.5, seed=2, algorithm=fedmr@first_stage_rounds=50")
+    run.add_argument("--jobs", metavar="N", type=int, default=1, help="cells at once, each on its share of the cores")
+    run.add_argument("--ray", metavar="ADDRESS",
+                     help="run the cells as Ray tasks: auto (the running cluster), HOST:PORT, or local (a one-machine "
+                          "cluster started for this command); the study folder must be shared by all nodes")
+    run.add_argument("--cpus-per-cell", metavar="N", type=int, default=1, help="with --ray: CPUs (threads) each cell takes")
+    run.add_argument("--retries", metavar="N", type=int, default=3, help="with --ray: times a failed cell is retried")
+    run.add_argument("--quiet", action="store_true", help="with one job: log lines instead of a progress bar")
+    report = sub.add_parser("report", help="rebuild the study's results page from its run folders")
+    report.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
+
+
+def _matches(status: Any, key: str, value: Any) -> bool:
+    cell = status.cell
+    if key == "name":
+        return cell.name == str(value)
+    if key == "priority":
+        return cell.priority == value
+    if key == "section":
+        return any(m.section == str(value) for m in cell.memberships)
+    if key == "state":
+        return status.state == str(value)
+    if key == "algorithm":
+        return cell.cfg["algorithm"] == value or any(m.method == value for m in cell.memberships)
+    node: Any = cell.cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"--only {key}=...: no such config key (or name, priority, section, state)")
+        node = node[part]
+    return node == value or str(node) == str(value)
+
+
+def _select(statuses: list[Any], only: list[str]) -> list[Any]:
+    from ..config import parse_assignment
+
+    for item in only:
+        if "=" not in item:
+            raise ConfigError(f"--only expects KEY=VALUE, got '{item}'")
+        keys, value = parse_assignment(item)
+        statuses = [s for s in statuses if _matches(s, ".".join(keys), value)]
+    return statuses
+
+
+def _listing(statuses: list[Any], file: str) -> str:
+    from .execute import describe
+
+    width = max([len(s.cell.name) for s in statuses] + [4]) + 2
+    lines = [f"{file}: {len(statuses)} cells ({describe(statuses)})",
+             f"{'prio':<5}{'state':<9}{'rounds':<11}{'cell':<{width}}folder"]
+    for s in statuses:
+        rounds = f"{s.rounds_done}/{s.cell.cfg['rounds']}"
+        lines.append(f"{s.cell.priority:<5}{s.state:<9}{rounds:<11}{s.cell.name:<{width}}{s.folder}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .execute import Progress, run_here, run_pool, run_ray
+    from .index import check_folder, resolve, write_index
+    from .spec import load_study
+
+    if args.jobs < 1 or args.cpus_per_cell < 1 or args.retries < 0:
+        raise ConfigError("--jobs and --cpus-per-cell must be at least 1, --retries at least 0")
+    if args.ray and args.jobs != 1:
+        raise ConfigError("--jobs is for one machine; with --ray the cluster's CPUs decide (see --cpus-per-cell)")
+    study = load_study(args.file)
+    check_folder(study)
+    statuses = resolve(study)
+    chosen = _select(statuses, args.only)
+    todo = [s for s in chosen if not s.finished]
+    if args.dry_run:
+        print(_listing(chosen, args.file))
+        print(f"{len(todo)} to run: fedmr study run {shlex.quote(args.file)}"
+              + "".join(f" --only {shlex.quote(o)}" for o in args.only))
+        return 0
+    write_index(study, statuses)
+    print(f"{args.file}: {len(statuses)} cells, {len(statuses) - sum(not s.finished for s in statuses)} finished, "
+          f"{len(todo)} to run{' (--only)' if args.only else ''}", file=sys.stderr, flush=True)
+    by_name = {s.cell.name: i for i, s in enumerate(statuses)}
+
+    def on_done(status: Any, result: Any) -> None:
+        from .index import Status
+
+        statuses[by_name[status.cell.name]] = Status(status.cell, "done", status.folder, status.cell.cfg["rounds"])
+        write_index(study, statuses)
+
+    if not todo:
+        print(f"nothing to run; report: fedmr study report {shlex.quote(args.file)}", file=sys.stderr)
+        return 0
+    late = float(study.options["late_fraction"])
+    parallel = args.jobs if not args.ray else len(todo)
+    progress = Progress(len(todo), parallel)
+    if args.ray:
+        stopped = run_ray(todo, args.ray, args.cpus_per_cell, args.retries, progress, on_done, late)
+    elif args.jobs > 1:
+        stopped = run_pool(todo, args.jobs, progress, on_done, late)
+    else:
+        stopped = run_here(todo, progress, on_done, "log" if args.quiet else "bar", late)
+    if stopped:
+        print(f"fedmr: study stopped; finished cells and checkpoints are saved in {study.output}\n"
+              f"continue with: fedmr study run {shlex.quote(args.file)}", file=sys.stderr)
+        return 128 + stopped
+    if progress.failures:
+        print(f"fedmr: {progress.failures} cell(s) failed (see above); rerun to retry them", file=sys.stderr)
+        return 1
+    print(f"report: fedmr study report {shlex.quote(args.file)}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .index import resolve, write_index
+    from .report import write_report
+    from .spec import load_study
+
+    study = load_study(args.file)
+    statuses = resolve(study)
+    write_index(study, statuses)
+    page = write_report(study, statuses, args.file)
+    done = sum(s.finished for s in statuses)
+    print(f"{page}: {done} of {len(statuses)} cells finished")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    return cmd_run(args) if args.study_command == "run" else cmd_report(args)

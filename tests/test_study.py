@@ -1,0 +1,212 @@
+"""`fedmr study run` on a tiny digits study: the listing, a SIGKILLed study that resumes to the numbers of
+an uninterrupted run, reuse of an equal finished run, the refusals, --jobs 2 and the Ray path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fedmr.cli import main
+from test_resume_kill import _comparable, _kill, _start, _wait_for
+
+STUDY = """
+[study]
+title = "tiny"
+output = "out/study"
+reuse = [{reuse}]
+report = "out/README.md"
+
+[base]
+dataset = "digits"
+num_clients = 4
+clients_per_round = 2
+rounds = 6
+eval_every = 2
+local_epochs = 1
+alpha = 0.5
+workers = 1
+
+[[grid]]
+algorithm = ["fedavg", "fedmr"]
+seed = [1]
+{extra}
+"""
+CELLS = ("seed1-fedavg", "seed1-fedmr")
+# the second cell as `fedmr run` settings (workers differ: they do not change the numbers)
+FEDMR_CELL = ["dataset=\"digits\"", "num_clients=4", "clients_per_round=2", "rounds=6", "eval_every=2",
+              "local_epochs=1", "alpha=0.5", "algorithm=\"fedmr\"", "workers=2"]
+
+
+def _study(folder: Path, reuse: str = "", extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "study.toml"
+    path.write_text(STUDY.format(reuse=reuse, extra=textwrap.dedent(extra)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The fedmr cell run on its own with `fedmr run` (another workers setting), in a folder named otherwise."""
+    out = tmp_path_factory.mktemp("earlier") / "runs" / "fedmr-by-hand"
+    assert main(["run", "--quiet", "--out", str(out), *[a for s in FEDMR_CELL for a in ("--set", s)]]) == 0
+    return out
+
+
+def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_path, reference, monkeypatch, caplog,
+                                                                           capsys):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    cells = [tmp_path / "out" / "study" / c for c in CELLS]
+    # checkpoint writes slowed so the kill lands inside the second cell, after its first checkpoint
+    proc = _start(["study", "run", "study.toml", "--quiet"], tmp_path / "log1", delay=0.3)
+    _wait_for(proc, lambda: (cells[1] / "checkpoints" / "round-000002.json").exists(), "the second cell's first checkpoint")
+    _kill(proc)
+    assert (cells[0] / "summary.json").exists() and not (cells[1] / "summary.json").exists()
+    finished_at = (cells[0] / "metrics.csv").stat().st_mtime_ns
+
+    assert main(["study", "run", "study.toml", "--dry-run"]) == 0
+    rows = {line.split()[3]: line.split()[:3] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert rows[CELLS[0]] == ["1", "done", "6/6"]
+    assert rows[CELLS[1]][:2] == ["1", "partial"] and rows[CELLS[1]][2] != "0/6", rows  # resumes from its checkpoint
+    caplog.set_level(logging.INFO, logger="fedmr")
+    assert main(["study", "run", "study.toml", "--quiet"]) == 0
+    assert (cells[0] / "metrics.csv").stat().st_mtime_ns == finished_at  # skipped, not run again
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert len(resumed) == 1 and CELLS[1] in resumed[0], resumed
+    after = int(resumed[0].split("after round ")[1].split()[0])
+    assert after >= 2  # lost at most the rounds since the last checkpoint
+    assert _comparable(cells[1]) == _comparable(reference)  # the numbers of an uninterrupted run
+    index = json.loads((tmp_path / "out" / "study" / "cells.json").read_text())
+    assert [(c["name"], c["state"], c["folder"]) for c in index["cells"]] == [(n, "done", n) for n in CELLS]
+
+
+def test_sigterm_stops_a_study_at_a_checkpoint_with_the_command_that_continues(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    cell = tmp_path / "out" / "study" / CELLS[0]
+    proc = _start(["study", "run", "study.toml", "--quiet"], tmp_path / "log", delay=0.3)
+    _wait_for(proc, lambda: (cell / "checkpoints" / "round-000002.json").exists(), "the first checkpoint")
+    assert _kill(proc, signal.SIGTERM) == 128 + signal.SIGTERM
+    log = (tmp_path / "log").read_text()
+    assert "continue with: fedmr study run study.toml" in log, log
+    assert not (cell / "summary.json").exists() and (cell / "checkpoints").is_dir()
+
+
+def test_dry_run_lists_cells_and_an_equal_finished_run_is_reused(tmp_path, reference, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path, reuse=json.dumps(str(reference.parent)))
+    assert main(["study", "run", "study.toml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[3]: line.split() for line in out.splitlines()[2:-1]}
+    assert rows["seed1-fedmr"][:3] == ["1", "reused", "6/6"] and rows["seed1-fedmr"][4] == str(reference)
+    assert rows["seed1-fedavg"][:3] == ["1", "missing", "0/6"]
+    assert out.splitlines()[-1] == "1 to run: fedmr study run study.toml"
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+    assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedmr"]) == 0
+    assert not (tmp_path / "out" / "study" / "seed1-fedmr").exists()  # read in place, not rerun or copied
+    index = json.loads((tmp_path / "out" / "study" / "cells.json").read_text())
+    states = {c["name"]: (c["state"], c["folder"]) for c in index["cells"]}
+    assert states["seed1-fedmr"] == ("reused", os.path.relpath(reference, tmp_path / "out" / "study"))
+    assert states["seed1-fedavg"] == ("missing", "seed1-fedavg")
+
+
+BAD = [
+    ("[base]\nlr = 0.0\n", "[base]: config key 'lr' must be positive"),
+    ("[base]\nlearning_rate = 0.1\n", "[base]: unknown config key 'learning_rate'"),
+    ("[study]\noutputs = 'x'\n", "unknown key 'study.outputs'"),
+    ("[[grid]]\nalpah = [0.1]\n", "unknown config key 'alpah'"),
+    ("[[grid]]\nalpha = [0.5, -1.0]\n", "cell alpha = -1.0: config key 'alpha' must be positive"),
+    ("[[grid]]\nalgorithm = [\"fedmr@first_stage=5\"]\n", "unknown config key 'fedmr.first_stage'"),
+    ("[[grid]]\nalgorithm = [\"fedmx\"]\n", "unknown algorithm 'fedmx'"),
+    ("[[grid]]\nmodel = [\"resnet21\"]\n", "unknown model 'resnet21'"),
+    ("[[grid]]\nseed = 3\n", "'seed' must be a non-empty list"),
+    ("[[cell]]\nseed = [3]\n", "a [[cell]] takes single values"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_study_files_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    text = STUDY.format(reuse="", extra="")
+    if extra.startswith("[base]"):
+        text = text.replace("[base]\n", extra)
+    elif extra.startswith("[study]"):
+        text = text.replace("[study]\n", extra)
+    else:
+        text += extra
+    (tmp_path / "study.toml").write_text(text)
+    assert main(["study", "run", "study.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmr: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_study_folder_of_another_base_config_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    study = tmp_path / "out" / "study"
+    study.mkdir(parents=True)
+    (study / "base.toml").write_text('dataset = "digits"\nnum_clients = 4\nclients_per_round = 2\neval_every = 2\n'
+                                     'local_epochs = 1\nalpha = 0.5\nlr = 0.05\n')
+    for argv in (["study", "run", "study.toml"], ["study", "run", "study.toml", "--dry-run"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "holds runs of a different base config ('lr' was 0.05, now 0.01)" in err and len(err.splitlines()) == 1
+    (study / "base.toml").unlink()
+    (study / "seed1-fedavg").mkdir()
+    (study / "seed1-fedavg" / "config.toml").write_text('dataset = "digits"\nalgorithm = "fedavg"\nseed = 7\n')
+    assert main(["study", "run", "study.toml"]) == 2
+    assert "holds a run of a different config ('alpha' was 0.1, now 0.5)" in capsys.readouterr().err
+    assert sorted(p.name for p in study.iterdir()) == ["seed1-fedavg"]
+
+
+@pytest.mark.slow  # two fresh interpreters (spawn) on top of the cells
+def test_jobs_two_runs_cells_side_by_side_with_the_same_numbers(tmp_path, reference, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    assert main(["study", "run", "study.toml", "--jobs", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " done] " in line]
+    assert len(lines) == 2 and lines[-1].endswith("0 cells left, none remaining"), lines
+    assert any("1 cell left, about" in line for line in lines)
+    study = tmp_path / "out" / "study"
+    assert _comparable(study / "seed1-fedmr") == _comparable(reference)
+    assert all((study / c / "summary.json").exists() for c in CELLS)
+
+
+@pytest.mark.slow
+def test_ray_runs_the_cells_as_tasks_on_a_local_cluster(tmp_path, reference, monkeypatch, capsys):
+    pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    assert main(["study", "run", "study.toml", "--ray", "local", "--only", "algorithm=fedmr"]) == 0
+    import ray
+
+    assert not ray.is_initialized()  # the command shut down the instance it started
+    assert "[1 done] seed1-fedmr: accuracy" in capsys.readouterr().out
+    assert _comparable(tmp_path / "out" / "study" / "seed1-fedmr") == _comparable(reference)
+
+
+def test_which_config_differences_count_when_matching_a_finished_run():
+    from fedmr.config import default_config
+    from fedmr.study.spec import difference
+
+    cell = default_config()
+    cell.update(algorithm="fedmr", dataset="digits", alpha=0.5)
+    older = {k: v for k, v in cell.items() if k not in ("dropout_rate", "checkpoint_every")}  # keys added later
+    assert difference(older, cell) is None
+    how = {**cell, "workers": 2, "device": "cpu", "vectorize": True, "cache_dir": "/tmp/c", "data_dir": "elsewhere",
+           "checkpoint_every": 5, "rounds": 7, "fedprox": {"mu": 0.5}}  # how/where it ran; another algorithm's options
+    assert difference(how, cell) is None
+    assert difference({**cell, "lr": 0.05}, cell) == "'lr' was 0.05, now 0.01"
+    assert difference({**cell, "fedmr": {"first_stage_rounds": 50, "block_fraction": 0.0}}, cell) == \
+        "'fedmr.first_stage_rounds' was 50, now 0"
+    assert difference({**cell, "client_timeout": 30.0}, cell) == "'client_timeout' was 30.0, now 0.0"  # can drop clients
+    assert difference({**cell, "algorithm": "fedavg"}, cell) == "'algorithm' was 'fedavg', now 'fedmr'"
