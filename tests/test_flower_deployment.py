@@ -5,6 +5,7 @@ stopped and nothing listened outside 127.0.0.1."""
 from __future__ import annotations
 
 import csv
+import json
 import datetime
 import ipaddress
 import subprocess
@@ -125,4 +126,102 @@ def test_superlink_and_two_supernodes_insecure_then_tls_with_node_auth(tmp_path)
         procs.stop()
     assert not procs.alive(), f"processes left running: {procs.alive()}"
     assert procs.listening, "the watcher saw no listening socket at all"
+    assert procs.outside_loopback() == []
+
+
+# ---- each site with only its own data --------------------------------------------------------
+
+# Loaded by every Python process started with PYTHONPATH=<its folder> (site imports sitecustomize):
+# an audit hook that logs each file or folder it opens or lists under FEDMR_TEST_WATCH.
+OPEN_WATCH = '''
+import os, sys
+_watch, _log, _busy = os.environ.get("FEDMR_TEST_WATCH"), os.environ.get("FEDMR_TEST_OPEN_LOG"), [False]
+def _hook(event, args):
+    if _busy[0] or event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    path = args[0]
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        return
+    if _watch not in os.path.abspath(path):
+        return
+    _busy[0] = True
+    try:
+        fd = os.open(_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f"{os.getpid()} {event} {os.path.abspath(path)}\\n".encode())
+        os.close(fd)
+    finally:
+        _busy[0] = False
+if _watch and _log:
+    sys.addaudithook(_hook)
+'''
+
+# eval_every = 2: one evaluation (central: none, the server has no data; federated: the 3 sites), after round 2
+SITES_RUN = ('num_clients=3 clients_per_round=3 rounds=2 local_epochs=1 eval_every=2 seed=5 dataset="imagefolder" '
+             'normalization="cifar10" flower.data="node" flower.fraction_evaluate=1.0')
+
+
+def watched_env(env, hook_dir, watch, log):
+    return {**env, "PYTHONPATH": str(hook_dir), "FEDMR_TEST_WATCH": str(watch), "FEDMR_TEST_OPEN_LOG": str(log)}
+
+
+def opened(log):
+    return [line.split(" ", 2)[2] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_three_sites_each_with_only_its_own_data_dir(tmp_path):
+    """3 SuperNodes, each started with one folder of `fedmr partition --export`; FedMR, 2 rounds,
+    federated evaluation, no data on the server.  An audit hook in every process (SuperNodes, their
+    ClientApps, the SuperLink and its ServerApp) logs what each opened under the export folder."""
+    from fedmr.cli import main
+
+    sites = tmp_path / "sites"
+    assert main(["partition", "--set", "num_clients=3", "--set", "clients_per_round=3", "--set", "seed=5",
+                 "--export", str(sites)]) == 0
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OPEN_WATCH)
+    home = tmp_path / "flwr-home"
+    env = flower_env(home)
+    procs = FlowerProcesses(tmp_path, env)
+    try:
+        port = free_port()
+        procs.start("superlink-sites", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                    "--disable-runtime-dependency-installation",
+                    env=watched_env(env, hook, sites, tmp_path / "server.opens"))
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink-sites"), 60, "the SuperLink")
+        for i in range(3):
+            procs.start(f"supernode-site-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                        "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--node-config", f'data-dir="{sites}/client-{i:03d}"',
+                        env=watched_env(env, hook, sites, tmp_path / f"node{i}.opens"))
+        write_connection(home, "sites", port)
+        out = tmp_path / "out"
+        flwr_run(env, "sites", f'{SITES_RUN} flower.out="{out}"')
+        got = rows(out)
+        assert [r["round"] for r in got] == ["2"] and all(r["clients"] == "3" for r in got)
+        assert all(r["accuracy"] == "" for r in got), "no test set on the server: no central accuracy"
+        assert all(0 < float(r["fed_accuracy"]) <= 1 and float(r["fed_loss"]) > 0 for r in got)
+        assert all(r["fed_examples"] == "359" for r in got), "all three local test parts (the digits test split)"
+        listed = json.loads((out / "sites.json").read_text())["clients"]
+        assert not (out / "partition.json").exists(), "the server has no sample indices to write"
+        assert sorted(c["data-dir"] for c in listed) == [str(sites / f"client-{i:03d}") for i in range(3)]
+
+        for i in range(3):
+            mine = opened(tmp_path / f"node{i}.opens")
+            assert any(p.endswith(".png") for p in mine), f"node {i} read no image"
+            strays = [p for p in mine if not p.startswith(str(sites / f"client-{i:03d}"))]
+            assert strays == [], f"node {i} opened another site's files: {strays[:3]}"
+        assert opened(tmp_path / "server.opens") == [], "the server side opened site data"
+
+        # a fourth node without data-dir: the run stops with one line that says so
+        procs.start("supernode-site-bare", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                    "--host", "127.0.0.1", "--port", str(free_port()))
+        text = flwr_run(env, "sites", f'{SITES_RUN.replace("num_clients=3", "num_clients=4")} '
+                                      f'flower.out="{tmp_path / "bad"}" flower.node_wait=60', check=False)
+        assert "fedmr: error: node" in text and "no data-dir in its node config" in text, text[-3000:]
+    finally:
+        procs.stop()
+    assert not procs.alive(), f"processes left running: {procs.alive()}"
     assert procs.outside_loopback() == []

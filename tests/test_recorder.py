@@ -69,6 +69,34 @@ def test_extra_columns_follow_the_standard_ones_and_are_checked(moon, tmp_path):
         Recorder(cfg, exp, sim.algorithm, None, extra_columns=["accuracy"])
 
 
+def test_an_experiment_without_test_samples_gets_empty_accuracy_cells_and_its_own_header(moon, tmp_path):
+    """A front end whose server holds no test set (Flower sites, flower.data = "node"): the recorder
+    evaluates nothing, writes empty accuracy/loss cells beside the extra columns, and the header
+    is what the experiment writes of its clients (``Experiment.write_clients``)."""
+    from dataclasses import replace
+
+    cfg, exp = moon
+    blind = replace(exp, data=replace(exp.data, test_x=exp.data.test_x[:0], test_y=exp.data.test_y[:0]))
+    sim = Simulation(exp, progress="none")
+    recorder = Recorder(cfg, blind, sim.algorithm, RunWriter(tmp_path / "x"), extra_columns=["fed_accuracy"])
+    recorder.start()
+    recorder.model = None  # evaluating would need the model: it must not happen
+    row = recorder.end_round(2, sim.run_round(0), extra={"fed_accuracy": 0.5})
+    assert row is not None and row["accuracy"] != row["accuracy"] and row["loss"] != row["loss"]  # NaN
+    _, rows = read_rows(tmp_path / "x" / "metrics.csv")
+    assert (rows[0]["accuracy"], rows[0]["loss"], rows[0]["fed_accuracy"]) == ("", "", "0.5")
+    assert {"config.toml", "partition.json", "partition_summary.json"} <= {p.name for p in (tmp_path / "x").iterdir()}
+
+    class SitesLike(type(exp)):
+        def write_clients(self, writer, cfg):
+            (writer.dir / "sites.json").write_text("{}")
+
+    other = SitesLike(**{f: getattr(exp, f) for f in exp.__dataclass_fields__})
+    Recorder(cfg, other, sim.algorithm, RunWriter(tmp_path / "y")).start()
+    names = {p.name for p in (tmp_path / "y").iterdir()}
+    assert "sites.json" in names and "partition.json" not in names and "config.toml" in names
+
+
 def test_comparison_api_returns_its_data_and_writes_nothing_without_a_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, [*TINY, "rounds=2"])

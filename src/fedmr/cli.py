@@ -75,7 +75,8 @@ def _add_data_commands(sub: Any) -> None:
     part.add_argument("--config", metavar="FILE.toml", help="TOML config file (defaults are the paper's)")
     part.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="override one config key, e.g. --set num_clients=100")
-    part.add_argument("--out", metavar="FILE.json", required=True, help="partition file (the authors' JSON format)")
+    part.add_argument("--out", metavar="FILE.json", help="partition file (the authors' JSON format)")
+    part.add_argument("--export", metavar="DIR", help="also write one image folder per client (DIR/client-007/train|test/<class>/*.png)")
 
 
 def _progress(args: argparse.Namespace) -> str:
@@ -188,6 +189,17 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_text
 
     cfg = load_config(args.config, args.assignments)
+    if not (args.out or args.export):
+        raise ConfigError("fedmr partition needs --out FILE.json, --export DIR or both")
+    if args.export:
+        from .export import export_partition
+
+        doc = export_partition(cfg, args.export)
+        print(f"wrote {doc['num_users']} client folders in {args.export} (SuperNodes: --node-config "
+              f"\"data-dir={args.export}/client-NNN\"; run config: flower.data=\"node\" dataset=\"imagefolder\""
+              + (f" normalization=\"{doc['normalization']}\")" if doc["normalization"] else ")"))
+        if not args.out:
+            return 0
     data = load_dataset(cfg)
     labels = data.train_y.numpy()
     parts = make_partition(cfg, labels, data.natural_partition)

@@ -60,6 +60,21 @@ def draw_permutations(
     return perms
 
 
+def resize_pool(pool: Pool, k: int) -> Pool:
+    """The pool with k models: its first k, or all of them and copies of their mean up to k.
+
+    Used where K follows the nodes a round reaches (Flower's FedMR strategy): after a
+    recombination the slots are exchangeable, so which ones go does not matter, and a new slot
+    starts from the model the federation agrees on, the pool mean."""
+    n = next(iter(pool.values())).shape[0]
+    if k < 1:
+        raise ValueError(f"a pool needs at least one model, got k={k}")
+    if k <= n:
+        return {key: value[:k].clone() for key, value in pool.items()}
+    extra = replicate(pool_mean(pool), k - n)
+    return {key: torch.cat([value, extra[key]]) for key, value in pool.items()}
+
+
 def recombine(pool: Pool, permutations: Mapping[str, torch.Tensor]) -> Pool:
     """New pool with ``new[key][i] = pool[key][perm[key][i]]``; the input is not modified."""
     return {key: value[permutations[key].to(value.device)] for key, value in pool.items()}

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
 
 from ..maths import State
 from .base import Options, TrainResult, option, register_algorithm
@@ -77,6 +76,9 @@ def update_distances(updates: Sequence[Mapping[str, torch.Tensor] | None], dista
 
 def weight_clusters(distances: np.ndarray, weights: np.ndarray, m: int) -> np.ndarray:
     """Cluster label per client: Ward tree on the distance rows, cut where a cluster's weight exceeds 1/m."""
+    # scipy here, not at import: every Flower ClientApp process imports the algorithms (0.5 s for scipy)
+    from scipy.cluster.hierarchy import ClusterWarning, fcluster, linkage
+
     n = len(weights)
     if n == 1:
         return np.ones(1, dtype=int)

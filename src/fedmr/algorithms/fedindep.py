@@ -5,10 +5,11 @@ of FedMR over it comes from recombination, not from keeping several models."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import torch
 
-from ..maths import Pool, State, mean_pairwise_cosine, pool_mean, replicate, slot
+from ..maths import Pool, State, mean_pairwise_cosine, pool_mean, replicate, resize_pool, slot
 from .base import Algorithm, TrainResult, TrainTask, prefixed, register_algorithm, unprefixed
 
 
@@ -21,6 +22,14 @@ class FedIndep(Algorithm):
         # K stacked copies: recombining and averaging are one tensor operation per key.
         self.pool: Pool = replicate(initial_state, self.federation.clients_per_round)
         self._mean: State | None = None
+
+    def resize_pool(self, k: int) -> None:
+        """Make the pool K = k models (Flower's FedMR strategy: K is the number of nodes a round
+        samples, which follows nodes joining and leaving); see ``maths.resize_pool``."""
+        if k != self.federation.clients_per_round:
+            self.pool = resize_pool(self.pool, k)
+            self.federation = replace(self.federation, clients_per_round=k)
+            self._mean = None
 
     def configure_train(self, round_idx: int, clients: list[int]) -> list[TrainTask]:
         return [TrainTask(c, i, slot(self.pool, i)) for i, c in enumerate(clients)]

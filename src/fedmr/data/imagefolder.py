@@ -96,8 +96,11 @@ def read_tar(path: Path, classes: dict[str, set[str]]) -> Iterator[Record]:
         raise DataError(f"archive {path} is corrupt or truncated: {exc}") from None
 
 
-def decode_all(source: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Decode every image of the source into uint8 (N, H, W, C) arrays in the canonical order."""
+def decode_all(source: Path, site: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Decode every image of the source into uint8 (N, H, W, C) arrays in the canonical order.
+
+    ``site``: one client's folder of a federation (``fedmr partition --export``), where a class
+    folder may be empty because this site holds none of that class; the caller checks the rest."""
     if source.is_dir():
         records, classes = read_folder(source)
     else:
@@ -108,18 +111,19 @@ def decode_all(source: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         decoded[split].append((label, name, decode_image(data, f"{source}:{split}/{label}/{name}")))
 
     names = sorted(classes["train"])
-    if not decoded["train"]:
+    if not decoded["train"] and not site:
         raise DataError(f"image folder {source} has no training images (expected train/<class>/*.jpg|png)")
     extra = sorted(classes["test"] - classes["train"])
     if extra:
         raise DataError(f"image folder {source}: test/ has classes not in train/: {', '.join(extra)}")
     have = {label for label, _, _ in decoded["train"]}
     empty = [c for c in names if c not in have]
-    if empty:
+    if empty and not site:
         raise DataError(f"image folder {source}: train/{empty[0]} holds no images")
     index = {c: i for i, c in enumerate(names)}
 
-    shape = decoded["train"][0][2].shape[:2]
+    first = (decoded["train"] or decoded["test"] or [("", "", np.zeros((0, 0, 1), np.uint8))])[0]
+    shape = first[2].shape[:2]
     colour = any(px.shape[2] == 3 for split in SPLITS for _, _, px in decoded[split])
     arrays: dict[str, np.ndarray] = {}
     for split in SPLITS:

@@ -8,6 +8,7 @@ checkpoints and ``summary.json`` cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..algorithms.base import Algorithm
-from ..partition import config_json
 from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
@@ -28,16 +28,19 @@ RowCallback = Callable[[Row], None]
 
 
 def write_run_header(writer: RunWriter, cfg: Mapping[str, Any], exp: "Experiment") -> None:
-    """config.toml, partition.json and its summary: what every results folder starts with."""
+    """config.toml, then the experiment's record of its clients' data (``Experiment.write_clients``:
+    partition.json and its summary): what every results folder starts with."""
     writer.write_config(cfg)
-    writer.write_partition(config_json(exp.partition, cfg), exp.partition_summary)
+    exp.write_clients(writer, cfg)
 
 
 class Recorder:
     """One run's bookkeeping: call ``start`` once, ``end_round`` after every round, ``finish`` at the end.
 
     * Evaluation: the algorithm's global model on the test set after every ``eval_every``-th round
-      and after the last one.
+      and after the last one (``evaluation_due``; a front end that also evaluates elsewhere, e.g.
+      Flower's federated evaluation, asks it too).  An experiment without test samples gets empty
+      accuracy/loss cells instead of an evaluation.
     * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, then the round's ``clients``,
       ``rejected``, ``dropped`` and ``train_loss`` as the front end counted them, then the
       algorithm's ``round_metrics()``: ``pool_cosine`` and ``client_state_mb``, empty when the
@@ -107,7 +110,11 @@ class Recorder:
         return self.writer is not None and (force or done % self.checkpoint_every == 0 or done == self.rounds)
 
     def evaluate(self) -> tuple[float, float]:
-        """(accuracy, loss) of the algorithm's global model on the test set."""
+        """(accuracy, loss) of the algorithm's global model on the test set; (NaN, NaN), written as
+        empty cells, when the experiment has no test samples (a Flower federation whose server holds
+        no test set: the sites evaluate, in the front end's extra columns)."""
+        if not len(self.exp.data.test_y):
+            return math.nan, math.nan
         self.model.load_state_dict(self.algorithm.global_state())
         return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
 

@@ -31,7 +31,7 @@ from ..config import load_config
 from ..errors import CheckpointError, ConfigError
 from ..maths import State
 from ..models import build_model
-from ..partition import Partition, format_summary, make_partition, summarize
+from ..partition import Partition, config_json, format_summary, make_partition, summarize
 from ..results import RunWriter
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state
@@ -75,6 +75,12 @@ class Experiment:
             seed=self.cfg["seed"],
             label_counts=counts,
         )
+
+    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
+        """The results folder's record of who holds which data: partition.json (each client's sample
+        indices, the authors' format) and its summary.  An experiment whose clients hold their data
+        themselves (a Flower federation of sites) writes what it knows instead."""
+        writer.write_partition(config_json(self.partition, cfg), self.partition_summary)
 
     def new_model(self) -> torch.nn.Module:
         model = build_model(self.model_name, self.data.num_classes, self.data.in_channels, self.data.image_size)

@@ -1,19 +1,25 @@
-"""The Flower ClientApp: answers the server's partition query and trains one task with the
-algorithm's own ``local_update`` (through ``engine.client.train_client``, the simulator's path)."""
+"""The Flower ClientApp: answers the server's query (its partition, or with ``flower.data = "node"``
+what its own data-dir holds), trains one task with the algorithm's own ``local_update`` (through
+``engine.client.train_client``, the simulator's path) and evaluates the global model on its local
+test data.  The loaded data stay cached in the ClientApp process, so a long-lived ClientApp
+(``flower-supernode --isolation process`` + ``flwr-clientapp``) loads them once per run."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ..algorithms import build_algorithm
+from ..algorithms import Federation, build_algorithm
 from ..engine.client import ClientData, train_client
 from ..errors import PartitionError
-from ..training import LocalSettings
-from .task import cached_experiment, config_key, decode_task, encode_result, hosts
+from ..models import build_model
+from ..training import LocalSettings, evaluate
+from .sites import SiteData, cached_site, node_data_dir
+from .task import FlowerRunConfig, cached_experiment, config_key, decode_task, encode_result, hosts, split_run_config
 
 app = ClientApp()
 
@@ -26,33 +32,72 @@ def node_partition(context: Context) -> tuple[int, int]:
                              "(start it with --node-config \"partition-id=0 num-partitions=N\")") from None
 
 
+def node_mode(context: Context) -> tuple[FlowerRunConfig, SiteData | None]:
+    """The run's settings, and this node's own data when the run reads each site's data."""
+    run = split_run_config(context.run_config)
+    if run.flower["data"] != "node":
+        return run, None
+    return run, cached_site(config_key(run.cfg), node_data_dir(context.node_config))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    pid, parts = node_partition(context)
-    return Message(RecordDict({"partition": ConfigRecord({"partition-id": pid, "num-partitions": parts})}),
-                   reply_to=msg)
+    _, site = node_mode(context)
+    if site is not None:
+        content = RecordDict({"site": ConfigRecord({"info": json.dumps(site.info())})})
+    else:
+        pid, parts = node_partition(context)
+        content = RecordDict({"partition": ConfigRecord({"partition-id": pid, "num-partitions": parts})})
+    return Message(content, reply_to=msg)
+
+
+def site_model(run: FlowerRunConfig, site: SiteData) -> torch.nn.Module:
+    name = site.default_model if run.cfg["model"] == "auto" else run.cfg["model"]
+    model = build_model(name, len(site.classes), site.shape[0], site.shape[-1])
+    return model.to(site.train_x.device, memory_format=torch.channels_last)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    run, exp = cached_experiment(config_key(context.run_config))
-    pid, parts = node_partition(context)
+    run, site = node_mode(context)
     task, round_idx = decode_task(msg.content)
-    if not hosts(pid, parts, task.client_id):
-        raise PartitionError(f"node with partition-id {pid} of {parts} does not hold client {task.client_id}")
+    if site is None:
+        run, exp = cached_experiment(config_key(context.run_config))
+        pid, parts = node_partition(context)
+        if not hosts(pid, parts, task.client_id):
+            raise PartitionError(f"node with partition-id {pid} of {parts} does not hold client {task.client_id}")
+        algorithm = build_algorithm(run.cfg, exp.federation)
+        model, data = exp.new_model(), ClientData(exp.data.train_x, exp.data.train_y, exp.partition)
+    else:  # this site is the client the server made it; its data are the only data here
+        federation = Federation(run.cfg["num_clients"], run.cfg["clients_per_round"], (site.info()["num-examples"],),
+                                len(site.classes), run.cfg["seed"])
+        algorithm, model, data = build_algorithm(run.cfg, federation), site_model(run, site), site
     fault = injected_fault(run.flower["faults"], round_idx, task.slot)
     if fault == "crash":
         raise RuntimeError(f"injected crash (round {round_idx + 1}, slot {task.slot})")
-    algorithm = build_algorithm(run.cfg, exp.federation)
-    data = ClientData(exp.data.train_x, exp.data.train_y, exp.partition)
-    result = train_client(algorithm, exp.new_model(), task, data, LocalSettings.from_config(run.cfg),
-                          run.cfg["seed"], round_idx)
+    result = train_client(algorithm, model, task, data, LocalSettings.from_config(run.cfg), run.cfg["seed"], round_idx)
     if fault == "nan":
         result.state = {k: v.fill_(math.nan) if v.is_floating_point() else v for k, v in result.state.items()}
     elif fault == "shape":
         first = next(iter(result.state))
         result.state[first] = torch.zeros(1)
     return Message(encode_result(result), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """The global model on this node's test data: its own test split (the whole test set when
+    every node loads the whole data set)."""
+    run, site = node_mode(context)
+    if site is None:
+        run, exp = cached_experiment(config_key(context.run_config))
+        model, x, y = exp.new_model(), exp.data.test_x, exp.data.test_y
+    else:
+        model, x, y = site_model(run, site), site.test_x, site.test_y
+    model.load_state_dict(msg.content.array_records["model"].to_torch_state_dict())
+    acc, loss = evaluate(model, x, y, run.cfg["test_batch_size"]) if y.numel() else (0.0, 0.0)
+    return Message(RecordDict({"metrics": MetricRecord({"accuracy": acc, "loss": loss, "num-examples": int(y.numel())})}),
+                   reply_to=msg)
 
 
 def injected_fault(spec: str, round_idx: int, slot: int) -> str | None:

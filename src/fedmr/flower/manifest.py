@@ -63,6 +63,10 @@ FLOWER_NOTES = {
     "log_messages": "write <out>/messages.jsonl: round, node, client, slot, model digest",
     "faults": 'test hook: "ROUND:SLOT:crash|nan|shape,..."',
     "resume": "continue the run in flower.out from its last good checkpoint (rounds may grow)",
+    "data": '"node": each SuperNode reads only its own --node-config data-dir; the server holds no training data',
+    "fraction_evaluate": "share of nodes evaluating the global model on their own test data every eval_every rounds",
+    "server_test_dir": 'with data = "node": a folder whose test/ split the server evaluates on ("" = none)',
+    "poll_interval": "seconds between the ServerApp's looks for replies (Flower's deployed Grid waits 3)",
 }
 
 

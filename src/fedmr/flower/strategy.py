@@ -5,6 +5,12 @@ different model from its pool per slot) and folds the replies back in; the
 strategy only routes tasks to the SuperNodes that host those clients and
 turns replies into ``TrainResult``s.  It uses the simulator's random streams
 (select/round, server/round), so a seed gives the same run on either engine.
+
+On the rounds the run's ``Recorder`` evaluates (``evaluation_due``: every ``eval_every`` rounds
+and after the last; without one, every round) it can also send the global model to a
+``fraction_evaluate`` sample of the nodes, which evaluate it on their own test data; the
+sample-weighted accuracy and loss become ``last_eval`` (fed_accuracy, fed_loss, fed_examples),
+which the ServerApp hands to the recorder as its extra columns.
 """
 
 from __future__ import annotations
@@ -12,20 +18,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..engine.validation import update_problem
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..maths import State
 from ..seeding import numpy_rng, torch_generator
+from .sites import check_sites, client_error
 from .task import decode_result, encode_task
 
 log = logging.getLogger("fedmr.flower")
@@ -40,12 +49,50 @@ def state_digest(state: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def ask_nodes(grid: Grid, asked: set[int], timeout: float) -> list[Message]:
+    """The query's replies of the connected nodes not asked yet (``asked`` grows)."""
+    queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+               for n in grid.get_node_ids() if n not in asked]
+    replies = list(grid.send_and_receive(queries, timeout=timeout)) if queries else []
+    asked.update(r.metadata.src_node_id for r in replies)
+    return replies
+
+
+def discover_sites(grid: Grid, num_clients: int, node_wait: float,
+                   reference: tuple[list[str], list[int], str] | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """``flower.data = "node"``: wait for ``num_clients`` nodes, each one site with its own data-dir;
+    their (node id, site info) in ascending node id, so client i is the i-th.  A node that cannot
+    read its data stops the run with its one-line reason."""
+    deadline = time.monotonic() + node_wait
+    asked: set[int] = set()
+    sites: dict[int, dict[str, Any]] = {}
+    while len(sites) < num_clients:
+        for reply in ask_nodes(grid, asked, node_wait):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise DataError(f"node {node}: {client_error(reply.error.reason)}")
+            sites[node] = json.loads(str(reply.content.config_records["site"]["info"]))
+        if len(sites) >= num_clients:
+            break
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{len(sites)} of num_clients = {num_clients} SuperNodes with a data-dir connected "
+                              f"in {node_wait:.0f}s (each site is one client)")
+        time.sleep(0.5)
+    chosen = sorted(sites.items())[:num_clients]
+    check_sites(chosen, reference)
+    for node, info in chosen:
+        log.info("node %d: %d training and %d test samples in %s", node, info["num-examples"], info["test-examples"],
+                 info["data-dir"])
+    return chosen
+
+
 class AlgorithmStrategy(Strategy):
     """Flower round n (1-based) is the algorithm's round ``rounds_before + n - 1``: a resumed run's
     Flower rounds start again at 1, its algorithm rounds go on where the checkpoint left them."""
 
     def __init__(self, algorithm: Algorithm, *, seed: int, reference: State, max_update_norm: float = 0.0,
-                 node_wait: float = 120.0, message_log: Path | None = None, rounds_before: int = 0):
+                 node_wait: float = 120.0, message_log: Path | None = None, rounds_before: int = 0,
+                 fraction_evaluate: float = 0.0, evaluation_due: Callable[[int], bool] = lambda done: True):
         self.algorithm = algorithm
         self.seed = seed
         self.rounds_before = rounds_before
@@ -57,6 +104,9 @@ class AlgorithmStrategy(Strategy):
         self.tasks: list[TrainTask] = []
         self.sent: list[Message] = []  # the last round's train messages (tests inspect them)
         self.last_round: dict[str, Any] = {}
+        self.fraction_evaluate = fraction_evaluate
+        self.evaluation_due = evaluation_due  # rounds done (whole run) -> evaluate now? (the Recorder's)
+        self.last_eval: dict[str, Any] = {}  # the latest federated evaluation, for the metrics row
 
     # ---- routing ------------------------------------------------------------------------
     def discover(self, grid: Grid) -> None:
@@ -65,13 +115,10 @@ class AlgorithmStrategy(Strategy):
         deadline = time.monotonic() + self.node_wait
         asked: set[int] = set()
         while True:
-            new = [n for n in grid.get_node_ids() if n not in asked]
-            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
-            for reply in grid.send_and_receive(queries, timeout=self.node_wait) if queries else ():
-                asked.add(reply.metadata.src_node_id)
+            for reply in ask_nodes(grid, asked, self.node_wait):
                 if reply.has_error():
                     log.warning("node %d did not answer the partition query: %s", reply.metadata.src_node_id,
-                                reply.error.reason)
+                                client_error(reply.error.reason))
                     continue
                 info = reply.content.config_records["partition"]
                 pid, parts = int(info["partition-id"]), int(info["num-partitions"])
@@ -129,7 +176,9 @@ class AlgorithmStrategy(Strategy):
             return f"the client failed: {reply.error.reason}", None
         try:
             result = decode_result(reply.content)
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            return f"malformed reply: no \"{exc.args[0]}\"", None
+        except (TypeError, ValueError) as exc:
             return f"malformed reply ({type(exc).__name__}: {exc})", None
         if not 0 <= result.slot < len(self.tasks) or self.tasks[result.slot].client_id != result.client_id:
             return f"client {result.client_id} / slot {result.slot} was not asked this round", None
@@ -147,13 +196,44 @@ class AlgorithmStrategy(Strategy):
             metrics["train_loss"] = self.last_round["train_loss"]
         return ArrayRecord({k: v.detach().cpu() for k, v in self.algorithm.global_state().items()}), metrics
 
-    # ---- federated evaluation is not used: the server evaluates the global model itself --
+    # ---- federated evaluation: the global model on the nodes' own test data -------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []
+        done = self.rounds_before + server_round
+        self.last_eval = {}
+        if self.fraction_evaluate <= 0 or not self.evaluation_due(done):
+            return []
+        nodes = sorted(set(self.node_of.values()))
+        count = min(len(nodes), max(1, math.ceil(self.fraction_evaluate * len(nodes))))
+        picks = sorted(nodes[int(i)] for i in numpy_rng(self.seed, "evaluate", done - 1).choice(len(nodes), count, replace=False))
+        return [Message(RecordDict({"model": arrays, "config": ConfigRecord({"round": done - 1})}), dst_node_id=n,
+                        message_type=MessageType.EVALUATE) for n in picks]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Accuracy and loss weighted by each node's "num-examples"; unusable replies are logged and left out."""
+        done = self.rounds_before + server_round
+        sound: list[RecordDict] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("round %d: node %d failed to evaluate: %s", done, node, client_error(reply.error.reason))
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            missing = [k for k in ("num-examples", "accuracy", "loss") if metrics is None or k not in metrics]
+            if missing:
+                log.warning("round %d: rejected the evaluation reply of node %d: no \"%s\"", done, node, missing[0])
+                continue
+            if int(metrics["num-examples"]) > 0:
+                sound.append(reply.content)
+        if not sound:
+            return None
+        weighted = aggregate_metricrecords(sound, "num-examples")
+        examples = sum(int(c.metric_records["metrics"]["num-examples"]) for c in sound)
+        self.last_eval = {"fed_accuracy": float(weighted["accuracy"]), "fed_loss": float(weighted["loss"]),
+                          "fed_examples": examples}
+        log.info("round %d: federated evaluation on %d nodes, %d examples: accuracy %.4f loss %.4f", done, len(sound),
+                 examples, self.last_eval["fed_accuracy"], self.last_eval["fed_loss"])
+        return MetricRecord(self.last_eval)
 
     def summary(self) -> None:
         fed = self.algorithm.federation

@@ -32,7 +32,12 @@ FLOWER_DEFAULTS: dict[str, Any] = {
     "log_messages": False,  # write <out>/messages.jsonl: who got which model (digest) each round
     "faults": "",  # test hook: "ROUND:SLOT:KIND,..." with KIND crash | nan | shape (see client_app)
     "resume": False,  # continue the run in flower.out from its last good checkpoint (rounds may grow)
+    "data": "partition",  # "partition": every node loads the data set, takes its clients' part; "node": its own data-dir
+    "fraction_evaluate": 0.0,  # nodes that evaluate the global model on their local test data (0 = none)
+    "server_test_dir": "",  # flower.data = "node": a folder whose test split the server evaluates on ("" = none)
+    "poll_interval": 0.1,  # seconds between the ServerApp's looks for replies (Flower's deployed Grid: 3)
 }
+DATA_MODES = ("partition", "node")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ def split_run_config(run_config: Mapping[str, Any]) -> FlowerRunConfig:
         else:
             nested[key] = value
     merge(cfg, nested)
+    if flower["data"] not in DATA_MODES:
+        raise ConfigError(f"flower.data must be one of {', '.join(DATA_MODES)}, got '{flower['data']}'")
+    if not 0.0 <= float(flower["fraction_evaluate"]) <= 1.0:
+        raise ConfigError(f"flower.fraction_evaluate must be in [0, 1], got {flower['fraction_evaluate']}")
     return FlowerRunConfig(validate(cfg), flower)
 
 
