@@ -68,14 +68,25 @@ def _fmt(value: Any) -> Any:
     return value
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and value == value and abs(float(value)) != float("inf")
+
+
 def summarize_metrics(rows: Sequence[Mapping[str, Any]], wall_seconds: float, rounds: int) -> dict[str, Any]:
-    accs = [float(r["accuracy"]) for r in rows]
+    """The summary of a run's evaluated rows: central test accuracy, or, where the server holds no test
+    set (a Flower run on the sites' own data), the federated evaluation's ``fed_accuracy``."""
+    key = "accuracy"
+    if not any(_finite(r.get("accuracy")) for r in rows) and any(_finite(r.get("fed_accuracy")) for r in rows):
+        key = "fed_accuracy"
+    rows = [r for r in rows if _finite(r.get(key))]
+    accs = [float(r[key]) for r in rows]
     if not accs:
         return {"rounds": rounds, "wall_seconds": wall_seconds}
     best = max(range(len(accs)), key=lambda i: accs[i])
     last5 = accs[-5:]
     return {
         "rounds": rounds,
+        **({"accuracy_from": key} if key != "accuracy" else {}),
         "final_accuracy": accs[-1],
         "best_accuracy": accs[best],
         "best_round": int(rows[best]["round"]),

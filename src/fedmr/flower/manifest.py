@@ -49,8 +49,9 @@ serverapp = "fedmr.flower.server_app:app"
 clientapp = "fedmr.flower.client_app:app"
 
 # The keys of `fedmr run` with its defaults (the paper's); an algorithm's options are its table.
-# dropout_rate must stay 0 (real SuperNodes drop out by themselves); workers, vectorize and
-# client_timeout are simulator settings the Flower app ignores (see flower.round_timeout).
+# dropout_rate must stay 0 (real SuperNodes drop out by themselves); workers, vectorize,
+# vectorize_memory_gb and client_timeout are simulator settings the Flower app ignores
+# (see flower.round_timeout).
 # The ServerApp checkpoints like `fedmr run` (checkpoint_every); flower.resume = true continues a run.
 # Override with: flwr run flower_app --run-config "rounds=20 num_clients=8 fedmr.block_fraction=0.5"
 """
