@@ -135,29 +135,26 @@ def test_tensorboard_asked_for_but_missing_or_without_a_folder_is_a_clear_error(
         fedmr.run({**CFG, "tensorboard": True}, model=mod.mlp, data=mod.blobs(), out=tmp_path / "r")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None or importlib.util.find_spec("flwr") is None,
-                    reason="needs the optional tensorboard and flower extras")
-def test_the_flower_server_evaluation_also_writes_tensorboard(tmp_path):
-    from types import SimpleNamespace
-
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                    reason="the optional tensorboard extra is not installed (pip install 'fedmr[tensorboard]')")
+def test_the_recorder_shared_with_the_flower_server_writes_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from fedmr.algorithms import build_algorithm
     from fedmr.config import load_config
-    from fedmr.engine import prepare
-    from fedmr.flower.server_app import CentralEvaluation
+    from fedmr.engine.recorder import Recorder
+    from fedmr.engine.simulator import prepare
     from fedmr.results import RunWriter
 
     cfg = load_config(None, ["num_clients=10", "clients_per_round=2", "rounds=2", "eval_every=1", "partition=iid",
                              "tensorboard=true"])
     exp = prepare(cfg)
     algorithm = build_algorithm(cfg, exp.federation)
-    algorithm.setup(exp.initial_state)
-    strategy = SimpleNamespace(rounds_before=0, last_round={"clients": 2, "rejected": 0, "dropped": 0, "train_loss": 1.0})
-    evaluation = CentralEvaluation(exp, algorithm, strategy, RunWriter(tmp_path / "f"), {}, [])
-    for server_round in (1, 2):
-        evaluation(server_round, None)
-    evaluation.callbacks[0].close()
+    recorder = Recorder(cfg, exp, algorithm, RunWriter(tmp_path / "f"))
+    recorder.start()
+    for done in (1, 2):
+        recorder.end_round(done, {"clients": 2, "rejected": 0, "dropped": 0, "train_loss": 1.0})
+    recorder.finish()
     log = EventAccumulator(str(tmp_path / "f" / "tensorboard"))
     log.Reload()
     assert [e.step for e in log.Scalars("accuracy")] == [1, 2]
