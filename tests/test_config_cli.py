@@ -56,7 +56,7 @@ def test_parse_assignment_and_variants():
     ("partition=file", "needs partition_file"),
     ("fedmr.block_fraction=1.5", "block_fraction"),
     ("dataset=mnist", "unknown dataset"),
-    ("model=mlp", "unknown model"),
+    ("model=transformer", "unknown model"),
     ("rounds", "KEY=VALUE"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(capsys, tmp_path, setting, message):

@@ -67,7 +67,7 @@ def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser("data", help="inspect a data set")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="sizes, classes and per-channel pixel mean/std of a data set")
-    info.add_argument("dataset", metavar="DATASET", help="digits, cifar10, cifar100, femnist or imagefolder")
+    info.add_argument("dataset", metavar="DATASET", help="digits, cifar10, cifar100, femnist, imagefolder or a loader as package.module:function")
     info.add_argument("--data-dir", metavar="DIR", help="where the data set lies (the config key data_dir)")
     info.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="another config key, e.g. --set normalization=\"none\"")
@@ -163,18 +163,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     data = load_dataset(cfg)
     seconds = time.perf_counter() - start
     names = ", ".join(data.classes[:20]) + (", ..." if len(data.classes) > 20 else "")
-    where = "" if cfg["dataset"] == "digits" else f" from {cfg['data_dir']}"
+    where = "" if cfg["dataset"] == "digits" or ":" in cfg["dataset"] else f" from {cfg['data_dir']}"
     print(f"{data.name}{where} (loaded in {seconds:.1f} s)")
-    print(f"train: {len(data.train_y)} images, test: {len(data.test_y)} images, "
-          f"{data.in_channels}x{data.image_size}x{data.image_size}")
+    kind = "images" if data.is_images else "samples"
+    shape = "x".join(map(str, data.input_shape)) if data.is_images else f"of shape {data.input_shape} {data.train_x.dtype}"
+    print(f"train: {len(data.train_y)} {kind}, test: {len(data.test_y)} {kind}, {shape}")
     print(f"classes: {data.num_classes} ({names})")
     if data.normalization is not None:
         mean, std = raw_channel_stats(data.train_x, data.normalization)
         print(f"train pixel mean per channel (0..1): {channels(mean)}")
         print(f"train pixel std per channel (0..1):  {channels(std)}")
         print(f"normalization: {cfg['normalization']} ({describe(data.normalization)})")
-    mean, std = raw_channel_stats(data.train_x, None)
-    print(f"normalised train mean per channel: {channels(mean)}; std: {channels(std)}")
+    if data.is_images:  # per-channel statistics mean something for images only
+        mean, std = raw_channel_stats(data.train_x, None)
+        print(f"normalised train mean per channel: {channels(mean)}; std: {channels(std)}")
     if data.natural_partition is not None:
         print(f"natural split: {len(data.natural_partition)} writers (partition = \"natural\", "
               f"num_clients = {len(data.natural_partition)})")

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "max_update_norm": 0.0,
     "dropout_rate": 0.0,  # fraction of the selected clients that fail each round (seeded)
     "checkpoint_every": 0,  # rounds between checkpoints; 0 = at every evaluation
+    "tensorboard": False,  # also write the metrics to <results>/tensorboard (needs the tensorboard extra)
 }
 
 PARTITIONS = ("iid", "dirichlet", "file", "natural")
@@ -99,9 +100,20 @@ def parse_assignment(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
     key, _, value = item.partition("=")
     key = key.strip()
-    if not key or any(not part for part in key.split(".")):
+    parts = _key_parts(key)
+    if not key or any(not part for part in parts):
         raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-    return key.split("."), parse_value(value.strip())
+    return parts, parse_value(value.strip())
+
+
+def _key_parts(key: str) -> list[str]:
+    """"fedmr.block_fraction" -> ["fedmr", "block_fraction"]; a plug-in algorithm's section keeps its
+    dots: "pkg.mod:Algo.beta" -> ["pkg.mod:Algo", "beta"]."""
+    if ":" not in key:
+        return key.split(".")
+    from .plugins import split_key
+
+    return split_key(key)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -123,6 +135,10 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -
     """Merge ``overrides`` into ``base``, refusing keys that ``base`` does not have."""
     for key, value in overrides.items():
         name = f"{where}{key}"
+        if key not in base and not where and isinstance(value, Mapping) and ":" in key:
+            from .plugins import algorithm_defaults  # a plug-in algorithm's options: its class declares them
+
+            base[key] = algorithm_defaults(key, f"[{key}]")
         if key not in base:
             if not where and isinstance(value, Mapping):
                 raise ConfigError(f"unknown config section '{name}' (no such algorithm)")
@@ -209,8 +225,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             cfg[key] = _check_type(key, cfg[key], default)
 
-    if cfg["algorithm"] not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm '{cfg['algorithm']}' (choose from {', '.join(ALGORITHMS)})")
+    _validate_plugins(cfg)
     for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "test_batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[key]}")
@@ -247,6 +262,24 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     for name, cls in ALGORITHMS.items():
         cls.check_options(cfg[name])
     return cfg
+
+
+def _validate_plugins(cfg: dict[str, Any]) -> None:
+    """The algorithm (built-in or a plug-in class) and every plug-in's section; a plug-in model or
+    data set must at least import and be callable (its contract is checked when it runs)."""
+    from .plugins import algorithm_class, algorithm_defaults, is_import_string, resolve_callable
+
+    algorithm_class(cfg["algorithm"])
+    if is_import_string(cfg["algorithm"]) and cfg["algorithm"] not in cfg:
+        cfg[cfg["algorithm"]] = algorithm_defaults(cfg["algorithm"], "algorithm")
+    for key in ("model", "dataset"):
+        if is_import_string(cfg[key]):
+            resolve_callable(key, cfg[key])
+    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict)]:
+        cls = algorithm_class(name, f"[{name}]")
+        for sub, sub_default in algorithm_defaults(name, f"[{name}]").items():
+            cfg[name][sub] = _check_type(f"{name}.{sub}", cfg[name].get(sub, sub_default), sub_default)
+        cls.check_options(cfg[name])
 
 
 def to_toml(cfg: Mapping[str, Any]) -> str:

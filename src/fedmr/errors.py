@@ -19,3 +19,7 @@ class PartitionError(FedMRError):
 
 class CheckpointError(FedMRError):
     """A checkpoint that is missing, corrupt or does not match the run."""
+
+
+class PluginError(ConfigError):
+    """A user model, data set or algorithm named by import string that cannot be used as one."""

@@ -1,10 +1,14 @@
-"""The paper's models.  Each splits into ``features`` (the representation) and
-``head`` (the classifier), so representation-based methods such as MOON work
-on every model without special cases; ``forward`` is ``head(features(x))``."""
+"""The paper's models, and an MLP for data that are not images.  Each splits into ``features`` (the
+representation) and ``head`` (the classifier), so representation-based methods such as MOON work
+on every model without special cases; ``forward`` is ``head(features(x))``.
+
+The image models take any image size and channel count: layers whose width depends on the image
+(the CNNs' first fully connected layer) are sized from the input shape, so for the paper's 32x32
+inputs every model is exactly the paper's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,14 +30,27 @@ class FLModel(nn.Module):
         return self.head(self.features(x))
 
 
-class CNN(FLModel):
-    """LeNet-style CNN of the paper for 32x32 images (62,006 parameters for CIFAR-10)."""
+ImageSize = int | tuple[int, int]
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+
+def _side_pair(image_size: ImageSize) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else (int(image_size[0]), int(image_size[1]))
+
+
+def _after_two_conv5_pools(image_size: ImageSize) -> int:
+    """Pixels per map after conv5 -> pool2 -> conv5 -> pool2 (5x5 for 32x32, 4x4 for 28x28)."""
+    h, w = _side_pair(image_size)
+    return (((h - 4) // 2 - 4) // 2) * (((w - 4) // 2 - 4) // 2)
+
+
+class CNN(FLModel):
+    """LeNet-style CNN of the paper (62,006 parameters for 32x32 CIFAR-10); fc1 is sized from the image."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: ImageSize = 32):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc1 = nn.Linear(16 * _after_two_conv5_pools(image_size), 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
 
@@ -51,13 +68,13 @@ class CNN(FLModel):
 
 
 class CNNFemnist(FLModel):
-    """The paper's CNN for 28x28 FEMNIST images (pool before ReLU, as specified)."""
+    """The paper's CNN for 28x28 FEMNIST images (pool before ReLU, as specified); fc1 is sized from the image."""
 
-    def __init__(self, num_classes: int = 62, in_channels: int = 1):
+    def __init__(self, num_classes: int = 62, in_channels: int = 1, image_size: ImageSize = 28):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 5)
         self.conv2 = nn.Conv2d(16, 32, 5)
-        self.fc1 = nn.Linear(32 * 4 * 4, 256)
+        self.fc1 = nn.Linear(32 * _after_two_conv5_pools(image_size), 256)
         self.fc2 = nn.Linear(256, num_classes)
 
     def features(self, x):
@@ -97,9 +114,10 @@ class PreActBottleneck(nn.Module):
 
 
 class ResNet20(FLModel):
-    """The paper's "ResNet-20": pre-activation bottleneck blocks, 2 per stage, widths 16/32/64."""
+    """The paper's "ResNet-20": pre-activation bottleneck blocks, 2 per stage, widths 16/32/64
+    (global average pooling: any image size)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: ImageSize = 32):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         blocks, in_planes = [], 16
@@ -128,9 +146,10 @@ VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 
 class VGG16(FLModel):
-    """VGG-16 with BatchNorm for 32x32 inputs (33,646,666 parameters for 10 classes)."""
+    """VGG-16 with BatchNorm (33,646,666 parameters for 32x32 inputs and 10 classes); the first fully
+    connected layer is sized from the image (512 x (H/32) x (W/32) inputs)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: ImageSize = 32):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -142,7 +161,8 @@ class VGG16(FLModel):
                 channels = item
         self.body = nn.Sequential(*layers)
         self.fc = nn.Sequential(
-            nn.Linear(512, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Linear(512 * (_side_pair(image_size)[0] // 32) * (_side_pair(image_size)[1] // 32), 4096),
+            nn.ReLU(inplace=True), nn.Dropout(0.5),
             nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Dropout(0.5),
         )
         self.classifier = nn.Linear(4096, num_classes)
@@ -154,23 +174,76 @@ class VGG16(FLModel):
         return self.classifier(h)
 
 
-# name -> (constructor, the input side length it needs)
+class MLP(FLModel):
+    """Two hidden layers of 200 ReLU units on the flattened sample (any shape; integers are cast to
+    floats): the built-in model for data that are not images, e.g. tabular features."""
+
+    def __init__(self, num_classes: int, input_shape: Sequence[int], hidden: int = 200):
+        super().__init__()
+        features = 1
+        for size in input_shape:
+            features *= int(size)
+        self.fc1 = nn.Linear(features, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def features(self, x):
+        x = torch.flatten(x, 1).float()
+        return F.relu(self.fc2(F.relu(self.fc1(x))))
+
+    def head(self, h):
+        return self.fc3(h)
+
+
+# name -> (image constructor, the smallest image side it takes); the MLP takes any shape
 MODELS: dict[str, tuple[Callable[..., FLModel], int]] = {
-    "cnn": (CNN, 32),
-    "cnn_femnist": (CNNFemnist, 28),
-    "resnet20": (ResNet20, 32),
+    "cnn": (CNN, 16),
+    "cnn_femnist": (CNNFemnist, 16),
+    "resnet20": (ResNet20, 1),
     "vgg16": (VGG16, 32),
+    "mlp": (MLP, 0),
 }
 
 
-def build_model(name: str, num_classes: int, in_channels: int, image_size: int | None = None) -> FLModel:
-    """Build a model by name, checking that the data's image size fits it."""
+def check_fits(name: str, input_shape: Sequence[int]) -> None:
+    """Raise ConfigError unless model ``name`` takes samples of ``input_shape`` (without the batch dim)."""
     if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODELS)})")
-    ctor, side = MODELS[name]
-    if image_size is not None and image_size != side:
-        raise ConfigError(f"model '{name}' needs {side}x{side} images, the data set has {image_size}x{image_size}")
-    return ctor(num_classes=num_classes, in_channels=in_channels)
+        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODELS)}, \"auto\", or name your own as "
+                          f"'package.module:factory')")
+    if name == "mlp":
+        return
+    shape = tuple(input_shape)
+    if len(shape) != 3:
+        raise ConfigError(f"model '{name}' needs images, samples of shape (C, H, W); the data set's samples are "
+                          f"{shape} (use model = \"mlp\" or \"auto\")")
+    side = MODELS[name][1]
+    if min(shape[1:]) < side:
+        raise ConfigError(f"model '{name}' needs images of at least {side}x{side}, the data set has "
+                          f"{shape[2]}x{shape[1]} (use model = \"auto\" or another model)")
+
+
+def auto_model(preferred: str, input_shape: Sequence[int]) -> str:
+    """``model = "auto"``: the data set's preferred model when it fits its samples, else the MLP."""
+    try:
+        check_fits(preferred, input_shape)
+    except ConfigError:
+        return "mlp"
+    return preferred
+
+
+def build_model(name: str, num_classes: int, in_channels: int | None = None, image_size: ImageSize | None = None,
+                *, input_shape: Sequence[int] | None = None) -> FLModel:
+    """Build a built-in model by name for samples of ``input_shape`` (or ``in_channels`` images of
+    ``image_size``, 32x32 when not given), checking that it can take them."""
+    if input_shape is None:
+        h, w = _side_pair(32 if image_size is None else image_size)
+        input_shape = (3 if in_channels is None else in_channels, h, w)
+    shape = tuple(int(s) for s in input_shape)
+    check_fits(name, shape)
+    ctor = MODELS[name][0]
+    if name == "mlp":
+        return ctor(num_classes=num_classes, input_shape=shape)
+    return ctor(num_classes=num_classes, in_channels=shape[0], image_size=(shape[1], shape[2]))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -25,13 +25,15 @@ MAX_DIRICHLET_TRIES = 1000
 def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator) -> Partition:
     """Shuffle and deal out equal shares (sizes differ by at most one)."""
     if num_samples < num_clients:
-        raise PartitionError(f"data set too small: {num_samples} training samples for {num_clients} clients")
+        raise PartitionError(f"data set too small: {num_samples} training samples for {num_clients} clients "
+                             f"(it supports at most {num_samples}: --set num_clients={num_samples})")
     order = rng.permutation(num_samples)
     return [part.tolist() for part in np.array_split(order, num_clients)]
 
 
 def dirichlet_partition(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = MIN_CLIENT_SIZE
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_size: int = MIN_CLIENT_SIZE,
+    tries: int = MAX_DIRICHLET_TRIES,
 ) -> Partition:
     """The authors' Dirichlet label skew.
 
@@ -52,7 +54,7 @@ def dirichlet_partition(
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
     cap = n / num_clients
-    for _ in range(MAX_DIRICHLET_TRIES):
+    for _ in range(tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]
         for members in by_class:
             members = members.copy()
@@ -161,7 +163,15 @@ def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partitio
     if kind == "iid":
         return iid_partition(len(labels), n, rng)
     if kind == "dirichlet":
-        return dirichlet_partition(labels, n, cfg["alpha"], rng)
+        try:
+            return dirichlet_partition(labels, n, cfg["alpha"], rng)
+        except PartitionError as exc:
+            best = _supported_clients(cfg, labels)
+            if not best:
+                raise
+            what = str(exc).split("; use fewer")[0]
+            raise PartitionError(f"{what}; with this seed it supports --set num_clients={best} "
+                                 f"(or use a larger alpha)") from None
     if kind == "file":
         return load_partition(cfg["partition_file"], len(labels), n)
     if kind == "natural":
@@ -171,6 +181,28 @@ def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partitio
             raise PartitionError(f"the natural split of '{cfg['dataset']}' has {len(natural)} clients; set num_clients = {len(natural)}")
         return check_partition(natural, len(labels), "natural split")
     raise PartitionError(f"unknown partition '{kind}'")
+
+
+def _supported_clients(cfg: Mapping[str, Any], labels: np.ndarray) -> int:
+    """How many clients this seed's Dirichlet split can serve: the largest count (binary search) whose
+    draw succeeds within 100 tries of the very stream a run uses, so the suggestion is sure to work."""
+    from .seeding import numpy_rng
+
+    def works(k: int) -> bool:
+        try:
+            dirichlet_partition(labels, k, cfg["alpha"], numpy_rng(cfg["seed"], "partition"), tries=100)
+            return True
+        except PartitionError:
+            return False
+
+    low, high, best = 1, min(cfg["num_clients"] - 1, len(labels) // MIN_CLIENT_SIZE), 0
+    while low <= high:
+        mid = (low + high) // 2
+        if works(mid):
+            best, low = mid, mid + 1
+        else:
+            high = mid - 1
+    return best
 
 
 def summarize(parts: Partition, labels: np.ndarray, num_classes: int) -> dict[str, Any]:

@@ -23,6 +23,10 @@ from .fedmr import FedMR
 
 def build_algorithm(cfg: Mapping[str, Any], federation: Federation, name: str | None = None) -> Algorithm:
     name = name or cfg["algorithm"]
+    if ":" in name:  # a plug-in class named by import string (fedmr.plugins)
+        from ..plugins import algorithm_class
+
+        return algorithm_class(name)(cfg[name], federation)
     return ALGORITHMS[name](cfg[name], federation)
 
 

@@ -1,8 +1,10 @@
 """Data sets as in-memory tensors, and the registry the config's ``dataset`` key picks from.
 
-A loader returns a :class:`DataSet` whose images are already normalised
-float32 tensors in channels_last memory, so the simulator draws a batch by
-indexing one tensor: no per-sample Dataset, no DataLoader, no decoding per round.
+A loader returns a :class:`DataSet` whose samples are tensors resident in memory (the built-in
+image sets: normalised float32 in channels_last memory), so the simulator draws a batch by
+indexing one tensor: no per-sample Dataset, no DataLoader, no decoding per round.  Samples may
+have any shape and dtype (float features, integer tokens); ``dataset = "pkg.mod:loader"`` names a
+user loader returning ``(train_x, train_y, test_x, test_y)`` (see :mod:`fedmr.plugins`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..errors import ConfigError, DataError
 @dataclass
 class DataSet:
     name: str
-    train_x: torch.Tensor  # (N, C, H, W) float32, channels_last
+    train_x: torch.Tensor  # (N, *sample_shape); built-in images: (N, C, H, W) float32, channels_last
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -33,9 +35,19 @@ class DataSet:
 
     def __post_init__(self) -> None:
         if self.train_x.shape[0] != self.train_y.shape[0] or self.test_x.shape[0] != self.test_y.shape[0]:
-            raise DataError(f"data set '{self.name}': images and labels differ in number")
-        if self.train_x.dim() != 4:
-            raise DataError(f"data set '{self.name}': images must be (N, C, H, W), got {tuple(self.train_x.shape)}")
+            raise DataError(f"data set '{self.name}': samples and labels differ in number")
+        if self.train_x.dim() < 2 or self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise DataError(f"data set '{self.name}': train and test samples must share one shape, got "
+                            f"{tuple(self.train_x.shape)} and {tuple(self.test_x.shape)}")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape, without the batch dimension: (C, H, W) for images, (F,) for features."""
+        return tuple(int(s) for s in self.train_x.shape[1:])
+
+    @property
+    def is_images(self) -> bool:
+        return self.train_x.dim() == 4
 
     @property
     def in_channels(self) -> int:
@@ -74,10 +86,16 @@ def register(name: str) -> Callable[[Loader], Loader]:
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
-    """Load the data set a config names (``dataset``, ``data_dir``, ``normalization``)."""
+    """Load the data set a config names (``dataset``, ``data_dir``, ``normalization``), a built-in
+    one or a user loader named by import string."""
     name = cfg["dataset"]
+    if ":" in name:
+        from ..plugins import load_user_dataset
+
+        return load_user_dataset(name)
     if name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))})")
+        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))}, or name your own "
+                          f"loader as 'package.module:loader')")
     return DATASETS[name](cfg)
 
 

@@ -126,12 +126,12 @@ def resumed_comparison(out: Path, assignments: Iterable[str] = ()) -> tuple[dict
 
 
 def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, progress: str = "bar",
-                   resume: bool = False, *, data: DataSet | None = None,
+                   resume: bool = False, *, data: DataSet | None = None, model: Any = None,
                    on_row: VariantRowCallback | None = None) -> ComparisonOutcome:
     """Run each variant in ``specs`` (e.g. "fedavg", "fedmr@first_stage_rounds=50") of ``cfg`` on one
     prepared experiment.  ``out``: the comparison's folder (None: nothing written, no resume);
     ``progress``: "bar", "log" or "none"; ``resume``: keep finished variants, continue the
-    interrupted one; ``data`` replaces the config's data set; ``on_row(label, row)`` is called with
+    interrupted one; ``data`` replaces the config's data set, ``model`` (a factory) its model; ``on_row(label, row)`` is called with
     each metrics row.  The first SIGINT/SIGTERM stops it after a checkpoint (``stop_signal``)."""
     out = Path(out) if out is not None else None
     chosen = variants(cfg, specs)
@@ -142,7 +142,7 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
                           f"resume it with: fedmr compare --resume {shlex.quote(str(out))}")
     if out is not None and not resume and (out / "config.toml").exists():
         raise ConfigError(f"output folder {out} already holds a run; choose another --out")
-    exp = prepare(cfg, data)
+    exp = prepare(cfg, data, model)
     if progress != "none":
         print(format_summary(exp.partition_summary), file=sys.stderr)
     if out is not None:

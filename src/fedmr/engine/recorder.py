@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..callbacks import close_callbacks, run_callbacks
 from ..algorithms.base import Algorithm
 from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
 from ..training import evaluate
@@ -74,7 +75,8 @@ class Recorder:
         self.model = model if model is not None else exp.new_model()
         self.extra_columns = tuple(extra_columns)
         self.columns = [*METRIC_COLUMNS, *self.extra_columns]
-        self.on_row = list(on_row)
+        # plus the built-ins the config asks for (tensorboard = true)
+        self.on_row = run_callbacks(cfg, writer.dir if writer is not None else None, list(on_row))
         self.rounds, self.every = cfg["rounds"], cfg["eval_every"]
         self.checkpoint_every = cfg["checkpoint_every"] or self.every
         self.rows: list[Row] = []
@@ -162,4 +164,5 @@ class Recorder:
         if self.writer is not None:
             save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
             self.writer.write_summary(summary)
+        close_callbacks(self.on_row)
         return summary

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..training import LocalSettings
 from .client import ClientData, train_client
 from .parallel import ProcessPoolRunner
-from .vectorized import VectorizedRunner, unsupported_reason
+from .vectorized import VectorizedRunner, batching_problem, unsupported_reason
 
 log = logging.getLogger("fedmr")
 
@@ -77,7 +77,10 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
         if reason is not None:
             log.info("runner: not vectorized: %s", reason)
             vectorize = False
-    if vectorize:
+    problem = batching_problem(model, data) if vectorize and unsupported_reason(algorithm, model) is None else None
+    if problem is not None:  # a user model vmap cannot run: fall back, never fail
+        log.warning("runner: the model cannot be trained batched (%s); training each client on its own", problem)
+    elif vectorize:
         log.info("runner: vectorized (%d clients per batched step)", cfg["clients_per_round"])
         return VectorizedRunner(algorithm, model, data, settings, seed, cfg.get("vectorize_memory_gb", "auto"))
     workers, threads = resolve_workers(cfg["workers"], device, cfg["clients_per_round"])

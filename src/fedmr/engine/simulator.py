@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from ..data import DataSet, load_dataset
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError
 from ..maths import State
-from ..models import build_model
+from ..plugins import check_model_output, model_builder
 from ..partition import Partition, config_json, format_summary, make_partition, summarize
 from ..results import RunWriter
 from ..seeding import derive_seed, numpy_rng, torch_generator
@@ -62,6 +62,7 @@ class Experiment:
     model_name: str
     initial_state: State
     device: torch.device
+    build: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)  # a fresh model (any kind)
 
     @property
     def federation(self) -> Federation:
@@ -83,23 +84,28 @@ class Experiment:
         writer.write_partition(config_json(self.partition, cfg), self.partition_summary)
 
     def new_model(self) -> torch.nn.Module:
-        model = build_model(self.model_name, self.data.num_classes, self.data.in_channels, self.data.image_size)
+        assert self.build is not None, "an Experiment is made by prepare()"
+        model = self.build()
         model.load_state_dict(self.initial_state)
+        # channels_last touches 4-D (convolution) weights only, so other models stay as they are
         return model.to(self.device, memory_format=torch.channels_last)
 
 
-def prepare(cfg: dict[str, Any], data: DataSet | None = None) -> Experiment:
-    """Load data, draw the partition and the initial model, all from the config's seed."""
+def prepare(cfg: dict[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:
+    """Load data, draw the partition and the initial model, all from the config's seed.  ``data`` and
+    ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``."""
     device = resolve_device(cfg["device"])
     data = data if data is not None else load_dataset(cfg)
     labels = data.train_y.cpu().numpy()
     partition = make_partition(cfg, labels, data.natural_partition)
     summary = summarize(partition, labels, data.num_classes)
-    model_name = data.default_model if cfg["model"] == "auto" else cfg["model"]
+    model_name, build, user_code = model_builder(model if model is not None else cfg["model"], data)
     torch.manual_seed(derive_seed(cfg["seed"], "init"))
-    model = build_model(model_name, data.num_classes, data.in_channels, data.image_size)
-    initial = {k: v.to(device) for k, v in clone_state(model).items()}  # so the server's pool lives on the device too
-    return Experiment(cfg, data.to(device), partition, summary, model_name, initial, device)
+    net = build()
+    if user_code:  # once, before round 1: a user model must map a batch to (batch, num_classes) logits
+        check_model_output("model", net, data.train_x[:2], data.num_classes, model_name)
+    initial = {k: v.to(device) for k, v in clone_state(net).items()}  # so the server's pool lives on the device too
+    return Experiment(cfg, data.to(device), partition, summary, model_name, initial, device, build)
 
 
 @dataclass

@@ -362,3 +362,34 @@ class VectorizedRunner:
 
     def close(self) -> None:
         pass
+
+
+def batching_problem(model: nn.Module, data: ClientData) -> str | None:
+    """Why vmap cannot train this model (it runs one batched step of two copies on two samples), or None.
+    A user model may use operations without a batching rule; it is then trained one client at a time.
+    The built-in models are batchable by construction (tests/test_vectorized.py) and are not probed."""
+    from ..models import FLModel
+
+    if isinstance(model, FLModel):
+        return None
+    params = {n: torch.stack([p.detach(), p.detach()]) for n, p in model.named_parameters()}
+    # stacked copies of the buffers, as the batched step passes them (BatchNorm updates them in place)
+    buffers = {n: torch.stack([b.detach().clone(), b.detach().clone()]) for n, b in model.named_buffers()}
+    x = data.train_x[:2].unsqueeze(0).expand(2, *data.train_x[:2].shape)
+    y = data.train_y[:2].unsqueeze(0).expand(2, -1)
+
+    def loss_one(p, bufs, xb, yb):
+        return F.cross_entropy(functional_call(model, {**p, **bufs}, (xb,)), yb)
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # a dropout draw moves no run's stream
+            vmap(grad_and_value(loss_one), randomness="different")(params, buffers, x, y)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not batchable
+        lines = str(exc).strip().splitlines()
+        text = lines[0] if lines else ""
+        return f"{type(exc).__name__}: {text[:100]}{'...' if len(text) > 100 else ''}"
+    finally:
+        model.train(was_training)
+    return None

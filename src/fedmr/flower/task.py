@@ -52,7 +52,7 @@ def split_run_config(run_config: Mapping[str, Any]) -> FlowerRunConfig:
     flower = dict(FLOWER_DEFAULTS)
     nested: dict[str, Any] = {}
     for key, value in run_config.items():
-        head, dot, rest = key.partition(".")
+        head, dot, rest = _section_split(key)
         if head == "flower":
             if rest not in FLOWER_DEFAULTS:
                 raise ConfigError(f"unknown config key '{key}' (Flower keys: {', '.join(FLOWER_DEFAULTS)})")
@@ -67,6 +67,17 @@ def split_run_config(run_config: Mapping[str, Any]) -> FlowerRunConfig:
     if not 0.0 <= float(flower["fraction_evaluate"]) <= 1.0:
         raise ConfigError(f"flower.fraction_evaluate must be in [0, 1], got {flower['fraction_evaluate']}")
     return FlowerRunConfig(validate(cfg), flower)
+
+
+def _section_split(key: str) -> tuple[str, str, str]:
+    """"fedmr.block_fraction" -> ("fedmr", ".", "block_fraction"); a plug-in algorithm's section keeps
+    its dots: "pkg.mod:Algo.beta" -> ("pkg.mod:Algo", ".", "beta")."""
+    if ":" not in key:
+        return key.partition(".")
+    from ..plugins import split_key
+
+    head, *rest = split_key(key)
+    return head, "." if rest else "", ".".join(rest)
 
 
 def config_key(run_config: Mapping[str, Any]) -> str:

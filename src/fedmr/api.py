@@ -1,0 +1,184 @@
+"""The Python API: ``fedmr.run`` and ``fedmr.compare``, the same engine as ``fedmr run`` / ``fedmr compare``
+with your own model factory and data passed as Python objects (see docs/api.md)."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .callbacks import Callback
+from .config import default_config, load_config, merge, validate
+from .errors import ConfigError
+from .plugins import Arrays, describe
+
+Config = Union[Mapping[str, Any], str, Path, None]
+ModelArg = Union[Callable[..., torch.nn.Module], str, None]
+DataArg = Union[Arrays, Callable[[], Arrays], str, None]
+IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays
+
+
+@dataclass
+class RunResult:
+    """One finished run.
+
+    Attributes:
+        rows: the metrics.csv rows as dicts (``round``, ``accuracy``, ``loss``, ``train_loss``, ...).
+        summary: the summary.json dict (``final_accuracy``, ``best_accuracy``, ``best_round``, ...).
+        final_state: the final global model's state_dict (FedMR: the mean of the pool).
+        config: the validated config the run used (as written to config.toml).
+        out_dir: the results folder, or None when the run wrote none.
+    """
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    final_state: dict[str, torch.Tensor] = field(repr=False)
+    config: dict[str, Any] = field(repr=False)
+    out_dir: Path | None = None
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(self.summary["final_accuracy"])
+
+
+def _config(config: Config) -> dict[str, Any]:
+    """A config dict (the TOML file's keys, nested sections), a path to a TOML file, or None (defaults)."""
+    if config is None:
+        return load_config()
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a dict of config keys or a path to a TOML file, got a {type(config).__name__}")
+    given = dict(config)
+    if isinstance(given.get("algorithm"), type):  # an Algorithm subclass itself: named by its import string
+        given["algorithm"] = describe(given["algorithm"])
+    return validate(merge(default_config(), copy.deepcopy(given)))
+
+
+def _overrides(cfg: dict[str, Any], model: ModelArg, data: DataArg) -> tuple[Any, Any]:
+    """(model factory or None, DataSet or None) for prepare(); a string sets the config key instead.
+    config.toml records a factory or loader by its import string ("module:function")."""
+    from .plugins import dataset_from_arrays
+
+    if isinstance(model, str) or isinstance(data, str):
+        if isinstance(model, str):
+            cfg["model"] = model
+        if isinstance(data, str):
+            cfg["dataset"] = data
+        validate(cfg)
+    factory = None if isinstance(model, str) else model
+    if factory is not None:
+        cfg["model"] = describe(factory)
+    from .data import DataSet
+
+    dataset = None
+    if isinstance(data, DataSet):  # already checked (e.g. fedmr.data.load_dataset's result)
+        cfg["dataset"], dataset = data.name if ":" not in data.name else IN_MEMORY, data
+    elif callable(data):
+        cfg["dataset"] = describe(data)
+        dataset = dataset_from_arrays("data", _call_loader(data), getattr(data, "__name__", "data"))
+    elif data is not None and not isinstance(data, str):
+        cfg["dataset"] = IN_MEMORY  # config.toml records that the data came from Python
+        dataset = dataset_from_arrays("data", data, "data")
+    return factory, dataset
+
+
+def _call_loader(loader: Callable[[], Any]) -> Any:
+    from .errors import PluginError
+
+    try:
+        return loader()
+    except Exception as exc:  # noqa: BLE001 - the user's loader failed
+        raise PluginError(f"data=: the loader {describe(loader)} raised {type(exc).__name__}: {exc}") from None
+
+
+def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, out: str | Path | None = None,
+        callbacks: Sequence[Callback] = (), progress: bool = False) -> RunResult:
+    """Run one experiment, exactly as ``fedmr run`` does.
+
+    Args:
+        config: a dict of the same keys as the TOML config file (sections as nested dicts, e.g.
+            ``{"rounds": 50, "fedmr": {"first_stage_rounds": 10}}``; ``"algorithm"`` may be an
+            Algorithm subclass itself), a path to a TOML file, or None for the defaults.  Missing
+            keys take their defaults.
+        model: a factory ``factory(num_classes, input_shape) -> torch.nn.Module`` (a class with that
+            constructor works too), overriding the config's ``model``; or a model name / import string.
+        data: ``(train_x, train_y, test_x, test_y)`` as tensors or numpy arrays (labels integer classes
+            ``0..C-1``), or a function returning that tuple, overriding the config's ``dataset``; or
+            a data set name / import string.
+        out: a results folder to write exactly as ``fedmr run --out`` (config.toml, metrics.csv,
+            summary.json, checkpoints, model.safetensors); None writes nothing.
+        callbacks: functions called with each evaluation row (a dict) as the run goes.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        A :class:`RunResult` with ``.rows``, ``.summary`` and ``.final_state``.
+
+    Raises:
+        fedmr.FedMRError: a bad config, plug-in or data set (the CLI's one-line errors).
+    """
+    from .engine.simulator import Simulation, prepare
+
+    cfg = _config(config)
+    factory, dataset = _overrides(cfg, model, data)
+    exp = prepare(cfg, data=dataset, model=factory)
+    outcome = Simulation(exp, out_dir=out, progress="bar" if progress else "none", on_row=_checked(callbacks)).run()
+    return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir)
+
+
+def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
+    for cb in callbacks:
+        if not callable(cb):
+            raise ConfigError(f"callbacks must be functions called with each metrics row, got {type(cb).__name__}")
+    return [lambda row, cb=cb: cb(dict(row)) for cb in callbacks]  # a copy each: the recorder keeps its rows
+
+
+def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg", "fedmr"), *, model: ModelArg = None,
+            data: DataArg = None, out: str | Path | None = None, callbacks: Sequence[Callback] = (),
+            progress: bool = False) -> dict[str, RunResult]:
+    """Run several algorithms on the same data, partition, seed and initial model, as ``fedmr compare``.
+
+    Args:
+        config, model, data, callbacks, progress: as for :func:`run`; each callback row also carries
+            ``"variant"`` (the algorithm spec it belongs to).
+        algorithms: built-in names, plug-in classes (the class itself, or "pkg.mod:Class") and
+            variants with options ("fedmr@first_stage_rounds=50", "pkg.mod:Class@beta=0.5").
+        out: the comparison folder (one subfolder per variant, comparison.md, accuracy.png); None
+            runs in a temporary folder that is removed afterwards.
+
+    Returns:
+        ``{spec: RunResult}`` in the order given.
+    """
+
+    from safetensors.torch import load_file
+
+    from .config import read_toml
+    from .engine.compare import run_comparison, variant_folder
+
+    cfg = _config(config)
+    factory, dataset = _overrides(cfg, model, data)
+    specs = [describe(a) if isinstance(a, type) else str(a).strip() for a in algorithms]
+    specs = [s for s in specs if s]
+    if not specs:
+        raise ConfigError("compare needs at least one algorithm")
+    checked = _checked(callbacks)
+
+    def on_row(spec: str, row: dict[str, Any]) -> None:
+        for cb in checked:
+            cb({**row, "variant": spec})
+
+    with tempfile.TemporaryDirectory(prefix="fedmr-compare-") as scratch:
+        folder = Path(out) if out is not None else Path(scratch)  # a folder even so: the final states are read back
+        outcome = run_comparison(cfg, specs, folder, "bar" if progress else "none", data=dataset, model=factory,
+                                 on_row=on_row)
+        results = {}
+        for spec in specs:
+            path = variant_folder(folder, spec)
+            results[spec] = RunResult(outcome.rows[spec], outcome.summaries[spec], load_file(path / "model.safetensors"),
+                                      read_toml(path / "config.toml"), path if out is not None else None)
+        return results

@@ -1,0 +1,58 @@
+"""Callbacks: user functions called with each evaluation row (the metrics.csv row as a dict), the
+place to log to TensorBoard, W&B or MLflow; and the built-in one, ``tensorboard = true``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+Callback = Callable[[dict[str, Any]], None]
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardLog:
+    """Writes every number of each row as a scalar at step ``round`` to ``<results>/tensorboard``
+    (view it with ``tensorboard --logdir <results>``; a comparison shows one run per variant)."""
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("tensorboard = true needs the optional tensorboard package: "
+                              "pip install 'fedmr[tensorboard]' (or set tensorboard = false)") from None
+        self.log_dir = Path(log_dir)
+        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        step = int(row["round"])
+        for key, value in row.items():
+            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def run_callbacks(cfg: Mapping[str, Any], out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
+    """The user's callbacks plus the built-in ones the config asks for."""
+    chosen = list(callbacks)
+    for cb in chosen:
+        if not callable(cb):
+            raise ConfigError(f"callbacks must be functions called with each metrics row, got a {type(cb).__name__}")
+    if cfg.get("tensorboard"):
+        if out_dir is None:
+            raise ConfigError("tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")
+        chosen.append(TensorBoardLog(Path(out_dir) / TENSORBOARD_DIR))
+    return chosen
+
+
+def close_callbacks(callbacks: Sequence[Callback]) -> None:
+    for cb in callbacks:
+        close = getattr(cb, "close", None)
+        if callable(close):
+            close()
