@@ -16,9 +16,8 @@ from flwr.clientapp import ClientApp
 from ..algorithms import Federation, build_algorithm
 from ..engine.client import ClientData, train_client
 from ..errors import PartitionError
-from ..models import build_model
 from ..training import LocalSettings, evaluate
-from .sites import SiteData, cached_site, node_data_dir
+from .sites import SiteData, cached_site, node_data_dir, site_model
 from .task import FlowerRunConfig, cached_experiment, config_key, decode_task, encode_result, hosts, split_run_config
 
 app = ClientApp()
@@ -51,10 +50,10 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-def site_model(run: FlowerRunConfig, site: SiteData) -> torch.nn.Module:
-    name = site.default_model if run.cfg["model"] == "auto" else run.cfg["model"]
-    model = build_model(name, len(site.classes), site.shape[0], site.shape[-1])
-    return model.to(site.train_x.device, memory_format=torch.channels_last)
+def new_site_model(run: FlowerRunConfig, site: SiteData) -> torch.nn.Module:
+    """The run's model for this site's samples, resolved as the ServerApp resolves it."""
+    _, build = site_model(run.cfg, len(site.classes), site.shape, site.default_model)
+    return build().to(site.train_x.device, memory_format=torch.channels_last)
 
 
 @app.train()
@@ -71,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
     else:  # this site is the client the server made it; its data are the only data here
         federation = Federation(run.cfg["num_clients"], run.cfg["clients_per_round"], (site.info()["num-examples"],),
                                 len(site.classes), run.cfg["seed"])
-        algorithm, model, data = build_algorithm(run.cfg, federation), site_model(run, site), site
+        algorithm, model, data = build_algorithm(run.cfg, federation), new_site_model(run, site), site
     fault = injected_fault(run.flower["faults"], round_idx, task.slot)
     if fault == "crash":
         raise RuntimeError(f"injected crash (round {round_idx + 1}, slot {task.slot})")
@@ -93,7 +92,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         run, exp = cached_experiment(config_key(context.run_config))
         model, x, y = exp.new_model(), exp.data.test_x, exp.data.test_y
     else:
-        model, x, y = site_model(run, site), site.test_x, site.test_y
+        model, x, y = new_site_model(run, site), site.test_x, site.test_y
     model.load_state_dict(msg.content.array_records["model"].to_torch_state_dict())
     acc, loss = evaluate(model, x, y, run.cfg["test_batch_size"]) if y.numel() else (0.0, 0.0)
     return Message(RecordDict({"metrics": MetricRecord({"accuracy": acc, "loss": loss, "num-examples": int(y.numel())})}),

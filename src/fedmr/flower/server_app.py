@@ -28,7 +28,7 @@ from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
 from ..results import RunWriter
 from .grid import PollingGrid
-from .sites import initial_state, read_site, site_federation
+from .sites import initial_state, read_site, site_federation, site_model
 from .strategy import AlgorithmStrategy, discover_sites
 from .task import FlowerRunConfig, split_run_config
 
@@ -133,17 +133,17 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
     sites = discover_sites(grid, cfg["num_clients"], float(run.flower["node_wait"]), reference)
     first = sites[0][1]
     classes, shape = list(first["classes"]), list(first["shape"])
-    model_name = first["default-model"] if cfg["model"] == "auto" else cfg["model"]
+    model_name, build = site_model(cfg, len(classes), shape, first["default-model"])
     device = resolve_device(cfg["device"])
     nothing = torch.zeros(0, *shape)
     test_x, test_y = (server_test.test_x, server_test.test_y) if server_test else (nothing, torch.zeros(0, dtype=torch.long))
     data = DataSet("sites", nothing, torch.zeros(0, dtype=torch.long), test_x, test_y, len(classes), classes,
                    default_model=model_name).to(device)
-    initial = {k: v.to(device) for k, v in initial_state(cfg, model_name, len(classes), shape).items()}
+    initial = {k: v.to(device) for k, v in initial_state(cfg, build).items()}
     partition = [list(info["label-counts"]) for _, info in sites]
     summary = {"clients": [{"client": i, "node": node, **{k: info[k] for k in ("data-dir", "num-examples", "test-examples", "label-counts")}}
                            for i, (node, info) in enumerate(sites)], "classes": classes, "shape": shape}
-    return SiteExperiment(cfg, data, partition, summary, model_name, initial, device,
+    return SiteExperiment(cfg, data, partition, summary, model_name, initial, device, build,
                           site_federation=site_federation(cfg, sites),
                           node_of={i: node for i, (node, _) in enumerate(sites)})
 

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from ..algorithms.base import Federation
 from ..data import DataSet, load_dataset, normalization
 from ..data.imagefolder import DEFAULT_NORMALIZATION, decode_all
 from ..errors import DataError
-from ..models import build_model
 from ..seeding import derive_seed
 from ..training import clone_state
 
@@ -92,7 +91,7 @@ def read_site(cfg: Mapping[str, Any], path: str, need_train: bool = True) -> Sit
         if not any(root.iterdir()):  # (an empty folder; one without train/ is the loader's error)
             raise DataError(f"data-dir {root} is empty (expected train/<class>/* images, as fedmr partition --export writes)")
         arrays, meta = decode_all(root, site=True)
-        affine = normalization.resolve(cfg.get("normalization", "auto"), DEFAULT_NORMALIZATION, arrays["train_x"].shape[3])
+        affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, arrays["train_x"].shape[3])
         site = SiteData(str(root), normalization.to_tensor(arrays["train_x"], affine), torch.from_numpy(arrays["train_y"]),
                         normalization.to_tensor(arrays["test_x"], affine), torch.from_numpy(arrays["test_y"]),
                         list(meta["classes"]))
@@ -139,7 +138,20 @@ def site_federation(cfg: Mapping[str, Any], sites: Sequence[tuple[int, Mapping[s
                       label_counts=tuple(tuple(int(c) for c in info["label-counts"]) for _, info in sites))
 
 
-def initial_state(cfg: Mapping[str, Any], model_name: str, num_classes: int, shape: Sequence[int]) -> dict[str, torch.Tensor]:
+def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
+               default_model: str) -> tuple[str, Callable[[], torch.nn.Module]]:
+    """(the model's name, a builder) for the sites' samples: the config's model (a built-in, "auto" or a
+    plug-in) resolved as ``engine.simulator.prepare`` resolves it, from the shape the sites report."""
+    from types import SimpleNamespace
+
+    from ..plugins import model_builder
+
+    probe = SimpleNamespace(train_x=torch.zeros(0, *shape), num_classes=num_classes, default_model=default_model)
+    name, build, _ = model_builder(cfg["model"], probe)
+    return name, build
+
+
+def initial_state(cfg: Mapping[str, Any], build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The initial model drawn from the config's seed, as ``engine.simulator.prepare`` draws it."""
     torch.manual_seed(derive_seed(cfg["seed"], "init"))
-    return clone_state(build_model(model_name, num_classes, int(shape[0]), int(shape[-1])))
+    return clone_state(build())
