@@ -98,11 +98,12 @@ def manifest_text() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fedmr.flower.manifest flower_app/pyproject.toml", file=sys.stderr)
-        return 2
-    Path(args[0]).write_text(manifest_text())
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedmr.flower.manifest",
+                                     description="write the Flower app manifest from fedmr's declarations")
+    parser.add_argument("path", help="where to write it, e.g. flower_app/pyproject.toml")
+    Path(parser.parse_args(argv).path).write_text(manifest_text())
     return 0
 
 
