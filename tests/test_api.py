@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import fedmr
 from fedmr.errors import ConfigError, PluginError

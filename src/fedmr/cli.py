@@ -15,15 +15,12 @@ from typing import Any
 
 from .config import algorithm_help, load_config, validate
 from .errors import ConfigError, FedMRError
+from .results import default_run_dir
 
 DEMO_SETTINGS = [
     "dataset=\"digits\"", "num_clients=20", "clients_per_round=5", "rounds=150", "eval_every=5",
     "partition=\"dirichlet\"", "alpha=0.1", "seed=1",
 ]
-
-
-def _timestamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = resumed_config(out, assignments)
     else:
         cfg = load_config(args.config, assignments)
-        out = Path(args.out or f"runs/{cfg['algorithm']}-{cfg['dataset']}-{_timestamp()}")
+        out = Path(args.out) if args.out else default_run_dir(cfg["algorithm"], cfg["dataset"])
     outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume))
     if outcome.stopped_after is not None:
         print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg['rounds']}; checkpoint saved in "
@@ -132,7 +129,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         specs = [s.strip() for s in args.algorithms.split(",") if s.strip()]
         if not specs:
             raise ConfigError("--algorithms is empty")
-        out = Path(args.out or f"runs/compare-{cfg['dataset']}-{_timestamp()}")
+        out = Path(args.out) if args.out else default_run_dir("compare", cfg["dataset"])
     outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
     if outcome.stop_signal:
         print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
@@ -145,7 +142,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.algorithms = "fedavg,fedmr"
-    args.out = args.out or f"runs/demo-{_timestamp()}"
+    args.out = args.out or str(default_run_dir("demo"))
     return cmd_compare(args, DEMO_SETTINGS)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,13 @@ def _fmt(value: Any) -> Any:
         return f"{value:.6g}" if abs(value) < 1e6 else f"{value:.1f}"
     return value
 
+
+
+def default_run_dir(*parts: str) -> Path:
+    """runs/<part>-<part>-<time>, with characters a folder name should not hold (the ':' and '.' of a
+    plug-in's import string, a '/') replaced by '_'."""
+    name = "-".join(re.sub(r"[^A-Za-z0-9_-]+", "_", str(p)) for p in (*parts, time.strftime("%Y%m%d-%H%M%S")))
+    return Path("runs") / name
 
 def _finite(value: Any) -> bool:
     return value is not None and value == value and abs(float(value)) != float("inf")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from ..engine.recorder import Recorder
 from ..engine.simulator import Experiment, prepare, resolve_device
 from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
-from ..results import RunWriter
+from ..results import RunWriter, default_run_dir
 from .grid import PollingGrid
 from .sites import initial_state, read_site, site_federation, site_model
 from .strategy import AlgorithmStrategy, discover_sites
@@ -41,7 +40,7 @@ app = ServerApp()
 
 def results_dir(run: FlowerRunConfig) -> Path:
     cfg = run.cfg
-    return Path(run.flower["out"] or f"runs/flower-{cfg['algorithm']}-{cfg['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return Path(run.flower["out"]) if run.flower["out"] else default_run_dir("flower", cfg["algorithm"], cfg["dataset"])
 
 
 class CentralEvaluation:

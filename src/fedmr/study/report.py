@@ -120,7 +120,7 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
             return f"**level** ({points(m)} points; the 95% interval includes 0)"
         side = "ahead" if m > 0 else "behind"
         return f"{side} by {points(abs(m))[1:]} points on average, **not established**: the 95% interval includes 0"
-    seeds = "the one seed" if n == 1 else f"both seeds" if n == 2 else f"all {n} seeds"
+    seeds = "the one seed" if n == 1 else "both seeds" if n == 2 else f"all {n} seeds"
     few = "one seed, no interval" if n == 1 else f"{n} seeds, too few for an interval"
     if all(d > tie for d in diffs):
         return f"ahead by {points(m)[1:]} points in {seeds} ({few})"
