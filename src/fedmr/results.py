@@ -78,7 +78,7 @@ def default_run_dir(*parts: str) -> Path:
     return Path("runs") / name
 
 def _finite(value: Any) -> bool:
-    return value is not None and value == value and abs(float(value)) != float("inf")
+    return value is not None and math.isfinite(float(value))
 
 
 def summarize_metrics(rows: Sequence[Mapping[str, Any]], wall_seconds: float, rounds: int) -> dict[str, Any]:

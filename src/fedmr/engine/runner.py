@@ -82,7 +82,7 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
         log.warning("runner: the model cannot be trained batched (%s); training each client on its own", problem)
     elif vectorize:
         log.info("runner: vectorized (%d clients per batched step)", cfg["clients_per_round"])
-        return VectorizedRunner(algorithm, model, data, settings, seed, cfg.get("vectorize_memory_gb", "auto"))
+        return VectorizedRunner(algorithm, model, data, settings, seed, cfg["vectorize_memory_gb"])
     workers, threads = resolve_workers(cfg["workers"], device, cfg["clients_per_round"])
     if workers > 1 or timeout > 0:  # a timeout needs a process it can stop
         log.info("runner: %d worker processes x %d threads", workers, threads)

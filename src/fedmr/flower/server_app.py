@@ -150,7 +150,9 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
-        run_server(PollingGrid(grid, float(context.run_config.get("flower.poll_interval", 0.1))), dict(context.run_config))
+        run_config = dict(context.run_config)
+        poll = float(split_run_config(run_config).flower["poll_interval"])  # the default stated once, in task.py
+        run_server(PollingGrid(grid, poll), run_config)
     except FedMRError as exc:  # one line for the user; Flower adds its own report of the failed run
         log.error("fedmr: error: %s", exc)
         raise
