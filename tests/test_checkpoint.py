@@ -239,3 +239,23 @@ def test_derived_streams_make_a_round_independent_of_what_ran_before(tmp_path):
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_a_checkpoint_from_before_the_logging_and_cache_keys_still_resumes(tmp_path):
+    """Checkpoints written before `tensorboard` and `cache_dir` existed lack them in their fingerprint;
+    neither key changes results, so the run must continue, not be refused as a different run."""
+    from fedmr.engine.checkpoint import _json_sha256
+
+    run = tmp_path / "run"
+    assert _run(run) == 0
+    before = _comparable(run / "metrics.csv")
+    for manifest in (run / CHECKPOINT_DIR).glob("round-*.json"):
+        body = json.loads(manifest.read_text())
+        body.pop("manifest_sha256")
+        for key in ("tensorboard", "cache_dir"):
+            body["fingerprint"]["config"].pop(key, None)  # today's checkpoints leave them out too
+        manifest.write_text(json.dumps({**body, "manifest_sha256": _json_sha256(body)}))
+    assert main(["run", "--quiet", "--resume", str(run), "--set", "rounds=8"]) == 0
+    after = _comparable(run / "metrics.csv")
+    assert [r["round"] for r in after] == [2, 4, 6, 8]
+    assert _same_rows(after[:3], before)

@@ -37,8 +37,8 @@ STUDY_KEYS = {"title", "output", "reuse", "report", "baseline", "contrasts", "la
 BLOCK_KEYS = {"priority", "section", "title"}
 # Keys that say how or where a run computes, never what it computes: ignored when a cell is matched to
 # a finished run.  The resumable changes minus rounds (a run's length is checked on its summary) and
-# client_timeout (which can drop clients), plus keys that only choose caches or logging.
-NOT_RESULTS = (RESUMABLE_CHANGES - {"rounds", "client_timeout"}) | {"cache_dir", "tensorboard", "vectorize_memory_gb"}
+# client_timeout (which can drop clients).
+NOT_RESULTS = RESUMABLE_CHANGES - {"rounds", "client_timeout"}
 
 
 @dataclass
