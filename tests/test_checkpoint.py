@@ -242,8 +242,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_checkpoint_from_before_the_logging_and_cache_keys_still_resumes(tmp_path):
-    """Checkpoints written before `tensorboard` and `cache_dir` existed lack them in their fingerprint;
-    neither key changes results, so the run must continue, not be refused as a different run."""
+    """A checkpoint of an older release has `cache_dir` in its fingerprint and no `tensorboard`; neither
+    key changes results, so the run must continue, not be refused as a different run."""
     from fedmr.engine.checkpoint import _json_sha256
 
     run = tmp_path / "run"
@@ -252,8 +252,8 @@ def test_a_checkpoint_from_before_the_logging_and_cache_keys_still_resumes(tmp_p
     for manifest in (run / CHECKPOINT_DIR).glob("round-*.json"):
         body = json.loads(manifest.read_text())
         body.pop("manifest_sha256")
-        for key in ("tensorboard", "cache_dir"):
-            body["fingerprint"]["config"].pop(key, None)  # today's checkpoints leave them out too
+        body["fingerprint"]["config"].pop("tensorboard", None)  # today's checkpoints leave both out
+        body["fingerprint"]["config"]["cache_dir"] = ""
         manifest.write_text(json.dumps({**body, "manifest_sha256": _json_sha256(body)}))
     assert main(["run", "--quiet", "--resume", str(run), "--set", "rounds=8"]) == 0
     after = _comparable(run / "metrics.csv")

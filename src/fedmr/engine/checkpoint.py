@@ -126,7 +126,7 @@ def fingerprint(cfg: Mapping[str, Any], partition: Sequence[Sequence[int]], init
 
 def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     old, new = saved.get("config", {}), current["config"]
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - RESUMABLE_CHANGES):  # older checkpoints hold some of them
         if old.get(key) != new.get(key):
             return f"config key '{key}' was {old.get(key)!r}, now {new.get(key)!r}"
     if saved.get("partition_sha256") != current["partition_sha256"]:
