@@ -20,8 +20,8 @@ def start_state():
     return clone_state(CNN(10, 1))
 
 
-def build(name, state):
-    algo = ALGORITHMS[name](ALGORITHMS[name].defaults, FED)
+def build(name, state, **options):
+    algo = ALGORITHMS[name]({**ALGORITHMS[name].defaults, **options}, FED)
     algo.setup(state)
     return algo
 
@@ -49,20 +49,44 @@ def test_zero_variates_take_fedavg_first_step():
         torch.testing.assert_close(scaffold.global_state()[key], value)
 
 
-def test_client_variate_follows_option_two():
+def _variates_and_option_two(variates, settings):
+    """The client variate the method returns, and option II's c_i - c + (x - y_i) / (K lr) for the same run."""
     state = start_state()
-    algo = build("scaffold", state)
+    algo = build("scaffold", state, variates=variates)
     names = [k for k, _ in CNN(10, 1).named_parameters()]
     g = torch.Generator().manual_seed(3)
     c = {k: 0.01 * torch.randn(state[k].shape, generator=g) for k in names}
     c_i = {k: 0.01 * torch.randn(state[k].shape, generator=g) for k in names}
     x, y = data()
-    result = algo.local_update(CNN(10, 1), TrainTask(0, 0, state, {"c": c, "c_i": c_i}), x, y, SETTINGS,
+    result = algo.local_update(CNN(10, 1), TrainTask(0, 0, state, {"c": c, "c_i": c_i}), x, y, settings,
                                torch.Generator().manual_seed(0))
-    steps = SETTINGS.epochs * len(batch_slices(30, SETTINGS.batch_size))
-    for k in names:
-        expected = c_i[k] - c[k] + (state[k] - result.state[k]) / (steps * SETTINGS.lr)
-        torch.testing.assert_close(result.payload["c_i"][k], expected)
+    steps = settings.epochs * len(batch_slices(30, settings.batch_size))
+    displacement = {k: (state[k] - result.state[k]) / (steps * settings.lr) for k in names}
+    option_two = {k: c_i[k] - c[k] + displacement[k] for k in names}
+    return result.payload["c_i"], option_two, displacement
+
+
+def test_displacement_variates_follow_option_two_as_written():
+    mine, option_two, _ = _variates_and_option_two("displacement", SETTINGS)
+    for k, value in option_two.items():
+        torch.testing.assert_close(mine[k], value)
+
+
+def test_mean_gradient_variates_equal_option_two_under_plain_sgd():
+    plain = LocalSettings(epochs=2, batch_size=10, lr=0.05, momentum=0.0)
+    mine, option_two, _ = _variates_and_option_two("mean-gradient", plain)
+    for k, value in option_two.items():
+        torch.testing.assert_close(mine[k], value, rtol=1e-4, atol=1e-5)
+
+
+def test_under_momentum_option_two_overstates_the_mean_gradient():
+    """Why mean-gradient is the default: with momentum 0.5 the displacement formula reads the local
+    gradients about 1 / (1 - 0.5) = 2 times too large (less over few steps, as momentum builds up)."""
+    mine, _, displacement = _variates_and_option_two("mean-gradient", SETTINGS)
+    # displacement = (x - y_i) / (K lr) = the mean corrected step direction; its corrections c - c_i are
+    # small here, so its projection on the mean gradient shows the momentum's gain
+    ratio = sum(float((displacement[k] * mine[k]).sum()) for k in mine) / sum(float((mine[k] * mine[k]).sum()) for k in mine)
+    assert 1.5 < ratio < 2.0
 
 
 def test_local_step_is_corrected_by_c_minus_c_i():

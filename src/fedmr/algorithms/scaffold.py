@@ -6,7 +6,12 @@ Choices, as the paper's Algorithm 1 with option II:
   * local step: g + c - c_i added to every parameter's gradient before the optimiser step (the
     project's SGD with momentum 0.5 is kept for every method, so the momentum sees the corrected
     gradient);
-  * c_i+ = c_i - c + (x - y_i) / (K * lr), with K the number of local steps actually taken;
+  * c_i+ = the mean of the client's own (uncorrected) minibatch gradients over its K local steps.
+    Under plain SGD this is exactly option II's c_i - c + (x - y_i) / (K * lr).  Under momentum
+    beta, (x - y_i) / (K * lr) grows to about 1 / (1 - beta) times that mean (2x at the spec's 0.5),
+    so option II's formula over-corrects each client (g + 2(c - c_i) points away from its own data)
+    and the run diverges at Dirichlet(0.1); the formula stays available as
+    ``variates = "displacement"``;
   * server: x <- x + server_lr * (weighted mean of y_i - x), weighted by sample count as FedAvg
     in this project (equal to the paper's plain mean when clients hold equal data), and
     c <- c + (1 / N) * sum over returned clients of (c_i+ - c_i);
@@ -49,6 +54,9 @@ def option_two_variate(client_c: Mapping[str, torch.Tensor], server_c: Mapping[s
 class ScaffoldOptions(Options):
     server_lr: float = option(1.0, "server step size on the weighted mean update (1 = FedAvg's step)",
                               low=0.0, low_open=True)
+    variates: str = option("mean-gradient", "client variate: the mean local gradient (equal to option II under "
+                           "plain SGD; stays right under momentum), or option II's (x - y_i) / (K lr) as written",
+                           choices=("mean-gradient", "displacement"))
 
 
 @register_algorithm("scaffold")
@@ -119,14 +127,24 @@ class Scaffold(FedAvg):
                 c = server_c[key].to(p.device) if key in server_c else torch.zeros_like(p)
                 correction[key] = c - client_c[key].to(p.device) if key in client_c else c
 
+        mean_gradient = self.options["variates"] == "mean-gradient"
+        grad_sum = {key: torch.zeros_like(p) for key, p in params.items()} if mean_gradient else {}
+
         def correct(_: nn.Module) -> None:
+            for key, total in grad_sum.items():
+                if params[key].grad is not None:
+                    total.add_(params[key].grad)  # before the correction: the client's own gradient
             for key, value in correction.items():
                 grad = params[key].grad
                 if grad is not None:
                     grad.add_(value)
 
         result, steps = self.sgd_result(model, task, x, y, settings, generator,
-                                        after_backward=correct if correction else None)
-        end = {k: p.detach() for k, p in params.items()}
-        result.payload = {"c_i": option_two_variate(client_c, server_c, task.state, end, steps, settings.lr)}
+                                        after_backward=correct if correction or grad_sum else None)
+        if mean_gradient:
+            variate = {key: total / max(steps, 1) for key, total in grad_sum.items()}
+        else:
+            end = {k: p.detach() for k, p in params.items()}
+            variate = option_two_variate(client_c, server_c, task.state, end, steps, settings.lr)
+        result.payload = {"c_i": variate}
         return result
