@@ -63,7 +63,7 @@ def test_the_page_holds_the_numbers_the_metrics_give():
     # the reused run is read in place (earlier/fedavg, made by `fedmr run`, is the alpha 0.5 seed 1 FedAvg cell)
     index = json.loads((study / "cells.json").read_text())
     assert {c["name"]: c["folder"] for c in index["cells"]}["alpha0.5-seed1-fedavg"] == "../earlier/fedavg"
-    assert "| 2 | alpha0.5-seed1-fedmr_block_fraction-1.0 | not started | `fedmr study run study.toml --only " \
+    assert "| 2 | alpha0.5-seed1-fedmr_block_fraction-1.0 | `fedmr study run study.toml --only " \
            "name=alpha0.5-seed1-fedmr_block_fraction-1.0` |" in page
 
 
@@ -106,3 +106,17 @@ def test_docs_results_page_is_current():
     finally:
         os.chdir(here)
     assert text == page.read_text(), "regenerate it: fedmr study report studies/cifar10-cnn.toml"
+
+
+def test_the_page_compares_each_contrast_with_the_strongest_other_method():
+    page = (FIXTURE / "results" / "README.md").read_text()
+    study = FIXTURE / "results" / "study"
+    seed1 = {"fedavg": _late(FIXTURE / "results" / "earlier" / "fedavg"), "fedprox": _late(study / "alpha0.5-seed1-fedprox")}
+    strongest = max(seed1, key=seed1.get)
+    diff = _late(study / "alpha0.5-seed1-fedmr") - seed1[strongest]
+    row = next(line for line in page.splitlines() if line.startswith("| fedmr | alpha 0.5 | "))
+    assert row.startswith(f"| fedmr | alpha 0.5 | {strongest} | seed 1: {100 * diff:+.2f} | {100 * diff:+.2f} | ")
+    assert row.endswith("| 2 of 2 |")
+    # at IID only fedavg is finished: it is the strongest by default, and the count says so
+    assert next(line for line in page.splitlines() if line.startswith("| fedmr | IID | ")).startswith("| fedmr | IID | fedavg |")
+    assert "fedmr** against the strongest other method: alpha 0.5: " + strongest in page
