@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 
 import pytest
 
@@ -13,18 +15,22 @@ pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedmr[fl
 pytestmark = pytest.mark.slow  # starts Ray / Flower processes: minutes on 2 cores
 
 from test_flower_helpers import (  # noqa: E402
-    FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
+    APP_DIR, FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
 )
 
-from fedmr.config import load_config  # noqa: E402
+from plugin_module import write_user_module  # noqa: E402
+
+from fedmr.config import load_config, read_toml  # noqa: E402
 from fedmr.engine import run_experiment  # noqa: E402
 
+USER_MOD = "fedmr_user_flower"
 SMALL = {"num_clients": 8, "clients_per_round": 4, "rounds": 3, "local_epochs": 1, "eval_every": 1, "seed": 3}
 
 
 def run_config(out, **extra) -> str:
     items = {**SMALL, **extra}
-    parts = [f"{k}={json.dumps(v)}" for k, v in items.items()]
+    # a key holding ':' (a plug-in's section) is quoted, as TOML and Flower's --run-config need
+    parts = [f"{json.dumps(k) if ':' in k else k}={json.dumps(v)}" for k, v in items.items()]
     return " ".join(parts + [f'flower.out="{out}"', "flower.log_messages=true"])
 
 
@@ -46,6 +52,9 @@ def simulation(tmp_path_factory):
     """One SuperLink in simulation mode on 127.0.0.1; every process it starts is stopped after."""
     work = tmp_path_factory.mktemp("flower-sim")
     env = flower_env(work / "flwr-home")
+    # a user's own model, loader and algorithm, importable in every Flower process as an installed module is
+    user = write_user_module(work / "user-code", USER_MOD)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(user), env.get("PYTHONPATH", "")]))
     port = free_port()
     write_connection(work / "flwr-home", "sim", port)
     procs = FlowerProcesses(work, env)
@@ -59,10 +68,10 @@ def simulation(tmp_path_factory):
         assert not procs.alive(), f"processes left running: {procs.alive()}"
 
 
-def flower_sim(simulation, name: str, **extra):
+def flower_sim(simulation, name: str, app_dir=APP_DIR, **extra):
     work, env, _ = simulation
     out = work / name
-    flwr_run(env, "sim", run_config(out, **extra),
+    flwr_run(env, "sim", run_config(out, **extra), app_dir=app_dir,
              federation_config="num-supernodes=4 client-resources-num-cpus=1 init-args-num-cpus=2")
     assert (out / "summary.json").exists(), "the ServerApp did not finish"
     return out
@@ -124,6 +133,28 @@ def test_a_flower_run_resumes_from_its_checkpoint(simulation, simulator_fedmr):
     assert {r: len(m) for r, m in sent(out).items()} == {1: 4, 2: 4, 3: 4}
     assert json.loads((out / "summary.json").read_text())["rounds"] == 3
     assert (out / "model.safetensors").exists()
+
+
+def test_plug_ins_by_import_string_run_on_flower(simulation):
+    """model, dataset and algorithm named `module:attribute`, with the algorithm's own option: the
+    ServerApp and every ClientApp resolve them, and the run learns the user's blobs.  Flower takes
+    only run-config keys the app declares, so the option's section is added to the app's
+    pyproject.toml, as docs/flower.md tells a user to."""
+    algorithm = f"{USER_MOD}:ServerLR"
+    work, _, _ = simulation
+    app = work / "app-with-plugin"
+    shutil.copytree(APP_DIR, app)
+    with (app / "pyproject.toml").open("a") as fh:
+        fh.write(f'\n[tool.flwr.app.config."{algorithm}"]\nserver_lr = 1.0\n')
+    out = flower_sim(simulation, "plugins", app_dir=app, algorithm=algorithm, model=f"{USER_MOD}:mlp",
+                     dataset=f"{USER_MOD}:blobs", **{f"{algorithm}.server_lr": 0.5})
+    rows = metrics(out)
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert all((r["clients"], r["rejected"]) == ("4", "0") for r in rows)
+    assert float(rows[-1]["accuracy"]) > 0.5  # four blobs: chance is 0.25
+    cfg = read_toml(out / "config.toml")  # as written: this process cannot import the user's module
+    assert (cfg["algorithm"], cfg["model"], cfg["dataset"]) == (algorithm, f"{USER_MOD}:mlp", f"{USER_MOD}:blobs")
+    assert cfg[algorithm] == {"server_lr": 0.5}
 
 
 def test_nothing_listened_outside_loopback(simulation):
