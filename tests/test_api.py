@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedmr
 from fedmr.errors import ConfigError, PluginError
@@ -88,6 +89,35 @@ def test_compare_runs_each_variant_on_the_same_start(user, tmp_path):
     # the same rows as fedmr.run on the same config
     alone = fedmr.run({**CFG, "rounds": 5, "algorithm": "fedavg"}, model=mod.mlp, data=mod.blobs())
     assert alone.rows[-1]["accuracy"] == results["fedavg"].rows[-1]["accuracy"]
+
+
+def _without_clock(rows):
+    return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in rows]
+
+
+def test_a_run_on_arrays_resumes_with_the_same_arrays_and_refuses_others(user, tmp_path):
+    from fedmr.errors import CheckpointError
+
+    mod, _ = user
+    whole = fedmr.run(CFG, model=mod.mlp, data=mod.blobs(), out=tmp_path / "whole")
+    fedmr.run({**CFG, "rounds": 5}, model=mod.mlp, data=mod.blobs(), out=tmp_path / "r")
+    resumed = fedmr.run(CFG, model=mod.mlp, data=mod.blobs(), out=tmp_path / "r", resume=True)
+    assert _without_clock(resumed.rows) == _without_clock(whole.rows)  # rounds 1-5 read back, 6-10 trained
+    train_x, train_y, test_x, test_y = mod.blobs()
+    with pytest.raises(CheckpointError, match="the data arrays differ"):
+        fedmr.run({**CFG, "rounds": 15}, model=mod.mlp, data=(train_x + 0.01, train_y, test_x, test_y),
+                  out=tmp_path / "r", resume=True)
+    with pytest.raises(ConfigError, match="give out="):
+        fedmr.run(CFG, model=mod.mlp, data=mod.blobs(), resume=True)
+    # a comparison keeps its finished variants
+    first = fedmr.compare({**CFG, "rounds": 5}, ["fedavg", "fedmr"], model=mod.mlp, data=mod.blobs(), out=tmp_path / "c")
+    again = fedmr.compare({**CFG, "rounds": 5}, ["fedavg", "fedmr"], model=mod.mlp, data=mod.blobs(), out=tmp_path / "c",
+                          resume=True)
+    assert list(again) == list(first)
+    for spec, result in again.items():  # read back from the folder (metrics.csv rounds to 6 digits)
+        assert [r["round"] for r in result.rows] == [r["round"] for r in first[spec].rows]
+        assert [r["accuracy"] for r in result.rows] == pytest.approx([r["accuracy"] for r in first[spec].rows], abs=1e-6)
+        assert torch.equal(result.final_state["0.weight"], first[spec].final_state["0.weight"])
 
 
 def test_api_errors_are_project_errors(user):

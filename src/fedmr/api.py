@@ -15,12 +15,11 @@ import torch
 from .callbacks import Callback
 from .config import default_config, load_config, merge, validate
 from .errors import ConfigError
-from .plugins import Arrays, describe
+from .plugins import IN_MEMORY, Arrays, describe
 
 Config = Union[Mapping[str, Any], str, Path, None]
 ModelArg = Union[Callable[..., torch.nn.Module], str, None]
 DataArg = Union[Arrays, Callable[[], Arrays], str, None]
-IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays
 
 
 @dataclass
@@ -98,7 +97,7 @@ def _call_loader(loader: Callable[[], Any]) -> Any:
 
 
 def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, out: str | Path | None = None,
-        callbacks: Sequence[Callback] = (), progress: bool = False) -> RunResult:
+        callbacks: Sequence[Callback] = (), progress: bool = False, resume: bool = False) -> RunResult:
     """Run one experiment, exactly as ``fedmr run`` does.
 
     Args:
@@ -115,6 +114,9 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
             summary.json, checkpoints, model.safetensors); None writes nothing.
         callbacks: functions called with each evaluation row (a dict) as the run goes.
         progress: show a progress bar on stderr.
+        resume: continue the run in ``out`` from its newest checkpoint, as ``fedmr run --resume``
+            (the same config, model and data; only the resumable keys such as ``rounds`` may
+            change, and arrays must be the ones it started with: their checksum is checked).
 
     Returns:
         A :class:`RunResult` with ``.rows``, ``.summary`` and ``.final_state``.
@@ -124,10 +126,13 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
     """
     from .engine.simulator import Simulation, prepare
 
+    if resume and out is None:
+        raise ConfigError("resume=True continues the run in a results folder: give out=")
     cfg = _config(config)
     factory, dataset = _overrides(cfg, model, data)
     exp = prepare(cfg, data=dataset, model=factory)
-    outcome = Simulation(exp, out_dir=out, progress="bar" if progress else "none", on_row=_checked(callbacks)).run()
+    outcome = Simulation(exp, out_dir=out, progress="bar" if progress else "none", on_row=_checked(callbacks),
+                         resume=resume).run()
     return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir)
 
 
@@ -140,7 +145,7 @@ def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
 
 def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg", "fedmr"), *, model: ModelArg = None,
             data: DataArg = None, out: str | Path | None = None, callbacks: Sequence[Callback] = (),
-            progress: bool = False) -> dict[str, RunResult]:
+            progress: bool = False, resume: bool = False) -> dict[str, RunResult]:
     """Run several algorithms on the same data, partition, seed and initial model, as ``fedmr compare``.
 
     Args:
@@ -150,6 +155,8 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
             variants with options ("fedmr@first_stage_rounds=50", "pkg.mod:Class@beta=0.5").
         out: the comparison folder (one subfolder per variant, comparison.md, accuracy.png); None
             runs in a temporary folder that is removed afterwards.
+        resume: keep the finished variants in ``out`` and continue the interrupted one, as
+            ``fedmr compare --resume`` (the same config, algorithms, model and data).
 
     Returns:
         ``{spec: RunResult}`` in the order given.
@@ -174,8 +181,10 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
 
     with tempfile.TemporaryDirectory(prefix="fedmr-compare-") as scratch:
         folder = Path(out) if out is not None else Path(scratch)  # a folder even so: the final states are read back
-        outcome = run_comparison(cfg, specs, folder, "bar" if progress else "none", data=dataset, model=factory,
-                                 on_row=on_row)
+        if resume and out is None:
+            raise ConfigError("resume=True continues the comparison in its folder: give out=")
+        outcome = run_comparison(cfg, specs, folder, "bar" if progress else "none", resume=resume, data=dataset,
+                                 model=factory, on_row=on_row)
         results = {}
         for spec in specs:
             path = variant_folder(folder, spec)

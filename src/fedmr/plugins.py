@@ -28,6 +28,8 @@ from torch import nn
 
 from .errors import PluginError
 
+IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays from Python
+
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPEC = re.compile(rf"^({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)$")
 

@@ -113,15 +113,25 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu", sha256: s
 
 
 # ---- the run's identity ------------------------------------------------------------------
-def fingerprint(cfg: Mapping[str, Any], partition: Sequence[Sequence[int]], initial_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """What must not change between a run and its resumption: config, partition, initial model."""
+def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(cfg: Mapping[str, Any], partition: Sequence[Sequence[int]], initial_state: Mapping[str, torch.Tensor],
+                data: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """What must not change between a run and its resumption: config, partition, initial model, and
+    the data itself when only its arrays identify it (``data``: data passed from Python)."""
     config = {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
     parts = hashlib.sha256(json.dumps([list(map(int, p)) for p in partition]).encode()).hexdigest()
-    init = hashlib.sha256()
-    for key in sorted(initial_state):
-        init.update(key.encode())
-        init.update(initial_state[key].detach().to("cpu").contiguous().numpy().tobytes())
-    return {"config": json.loads(json.dumps(config)), "partition_sha256": parts, "initial_model_sha256": init.hexdigest()}
+    found = {"config": json.loads(json.dumps(config)), "partition_sha256": parts,
+             "initial_model_sha256": _tensors_sha256(initial_state)}
+    if data is not None:
+        found["data_sha256"] = _tensors_sha256(data)
+    return found
 
 
 def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
@@ -133,6 +143,8 @@ def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | Non
         return "the partition differs"
     if saved.get("initial_model_sha256") != current["initial_model_sha256"]:
         return "the initial model differs (another torch version?)"
+    if saved.get("data_sha256") != current.get("data_sha256"):
+        return "the data arrays differ (pass the arrays the run started with)"
     return None
 
 

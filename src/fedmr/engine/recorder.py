@@ -17,6 +17,7 @@ import torch
 
 from ..callbacks import close_callbacks, run_callbacks
 from ..algorithms.base import Algorithm
+from ..plugins import IN_MEMORY
 from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
@@ -91,7 +92,10 @@ class Recorder:
         self.algorithm.setup(self.exp.initial_state)
         done, elapsed = 0, 0.0
         if self.writer is not None:
-            self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state)
+            data = self.exp.data
+            arrays = ({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
+                      if self.cfg["dataset"] == IN_MEMORY else None)  # nothing else names such data
+            self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state, arrays)
             if resume:
                 done, self.rows, elapsed = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint,
                                                                   self.rounds, self.exp.device)
