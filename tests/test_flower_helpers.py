@@ -408,3 +408,18 @@ def test_federated_evaluation_weighs_by_examples_and_refuses_unweighted_replies(
     assert strategy.last_eval == {"fed_accuracy": 0.625, "fed_loss": 0.75, "fed_examples": 40}
     assert any('evaluation reply of node 12: no "num-examples"' in r.getMessage() for r in caplog.records)
     assert any("node 13 failed to evaluate" in r.getMessage() for r in caplog.records)
+
+
+def test_sites_keep_their_client_ids_when_supernodes_restart_with_new_node_ids():
+    from fedmr.flower.strategy import site_order
+
+    def info(path, n, counts):
+        return {"data-dir": path, "num-examples": n, "label-counts": counts}
+
+    held = [info("/srv/b", 40, [20, 20]), info("/srv/a", 30, [10, 20]), info("/srv/c", 50, [25, 25]),
+            info("/srv/a", 30, [20, 10])]  # two machines that name their folder alike
+    first = site_order({101: held[0], 7: held[1], 55: held[2], 9: held[3]})
+    restarted = site_order({3: held[0], 999: held[1], 12: held[2], 500: held[3]})  # new random node ids
+    assert [s[1] for s in first] == [s[1] for s in restarted] == [held[1], held[3], held[0], held[2]]
+    # only sites holding exactly the same are told apart by node id
+    assert [n for n, _ in site_order({8: held[0], 2: dict(held[0])})] == [2, 8]

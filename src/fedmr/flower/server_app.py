@@ -108,7 +108,7 @@ class SiteExperiment(Experiment):
     has no training samples (and test samples only from ``flower.server_test_dir``); ``partition`` is
     each site's label counts (what the checkpoint fingerprint covers: the server has no sample
     indices) and ``partition_summary`` what the sites reported, written as ``sites.json`` instead of
-    ``partition.json``; the federation is the sites' (client i is the i-th node, ascending id)."""
+    ``partition.json``; the federation is the sites' (client i is the i-th site, by its data-dir)."""
 
     site_federation: Federation | None = None
     node_of: dict[int, int] = field(default_factory=dict)  # client id -> node id
@@ -124,7 +124,7 @@ class SiteExperiment(Experiment):
 
 def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
     """``flower.data = "node"``: the experiment without training data on the server; the sites say what
-    they hold, client i is the i-th node (ascending id).  Central evaluation only on
+    they hold, client i is the i-th site (by data-dir, then counts).  Central evaluation only on
     ``flower.server_test_dir``'s test split, which also fixes the classes and shape every site must have."""
     cfg = run.cfg
     server_test = read_site(cfg, run.flower["server_test_dir"], need_train=False) if run.flower["server_test_dir"] else None

@@ -131,7 +131,7 @@ def check_sites(sites: Sequence[tuple[int, Mapping[str, Any]]], reference: tuple
 
 
 def site_federation(cfg: Mapping[str, Any], sites: Sequence[tuple[int, Mapping[str, Any]]]) -> Federation:
-    """Client i is the i-th site (nodes in ascending id order)."""
+    """Client i is the i-th site (in ``strategy.site_order``)."""
     return Federation(num_clients=len(sites), clients_per_round=cfg["clients_per_round"],
                       client_sizes=tuple(int(info["num-examples"]) for _, info in sites),
                       num_classes=len(sites[0][1]["classes"]), seed=cfg["seed"],

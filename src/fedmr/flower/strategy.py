@@ -58,10 +58,18 @@ def ask_nodes(grid: Grid, asked: set[int], timeout: float) -> list[Message]:
     return replies
 
 
+def site_order(sites: Mapping[int, Mapping[str, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+    """Sites by what they hold (data-dir, sample count, label counts), the node id only breaking ties:
+    a SuperNode that restarts gets a new random node id, and a resumed run must still give each
+    client id (and its per-client state) the same site."""
+    return sorted(sites.items(), key=lambda item: (str(item[1]["data-dir"]), int(item[1]["num-examples"]),
+                                                   [int(c) for c in item[1]["label-counts"]], item[0]))
+
+
 def discover_sites(grid: Grid, num_clients: int, node_wait: float,
                    reference: tuple[list[str], list[int], str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``flower.data = "node"``: wait for ``num_clients`` nodes, each one site with its own data-dir;
-    their (node id, site info) in ascending node id, so client i is the i-th.  A node that cannot
+    their (node id, site info) in :func:`site_order`, so client i is the i-th.  A node that cannot
     read its data stops the run with its one-line reason."""
     deadline = time.monotonic() + node_wait
     asked: set[int] = set()
@@ -78,7 +86,7 @@ def discover_sites(grid: Grid, num_clients: int, node_wait: float,
             raise ConfigError(f"{len(sites)} of num_clients = {num_clients} SuperNodes with a data-dir connected "
                               f"in {node_wait:.0f}s (each site is one client)")
         time.sleep(0.5)
-    chosen = sorted(sites.items())[:num_clients]
+    chosen = site_order(sites)[:num_clients]
     check_sites(chosen, reference)
     for node, info in chosen:
         log.info("node %d: %d training and %d test samples in %s", node, info["num-examples"], info["test-examples"],
