@@ -156,7 +156,8 @@ BAD = [
     ([f"{MOD}:nothing.x=1"], f"config section '{MOD}:nothing': module '{MOD}' has no attribute 'nothing'"),
     ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.nope=1"], f"unknown config key '{MOD}:ServerLR.nope'"),
     ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=\"big\""], f"config key '{MOD}:ServerLR.server_lr' must be a number"),
-    ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=2"], "server_lr' must be in (0.0, 1.0], got 2.0"),
+    ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=2"],
+     f"config key '{MOD}:ServerLR.server_lr' must be in (0.0, 1.0], got 2.0"),  # the section as the user wrote it
     (["model=vgg16"], "model 'vgg16' needs images, samples of shape (C, H, W); the data set's samples are (20,)"),
 ]
 

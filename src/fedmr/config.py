@@ -279,6 +279,7 @@ def _validate_plugins(cfg: dict[str, Any]) -> None:
         cls = algorithm_class(name, f"[{name}]")
         for sub, sub_default in algorithm_defaults(name, f"[{name}]").items():
             cfg[name][sub] = _check_type(f"{name}.{sub}", cfg[name].get(sub, sub_default), sub_default)
+        cls.Options(**cfg[name]).check(name)  # declared ranges first, named by the section as written
         cls.check_options(cfg[name])
 
 
