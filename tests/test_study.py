@@ -86,6 +86,19 @@ def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_p
     assert [(c["name"], c["state"], c["folder"]) for c in index["cells"]] == [(n, "done", n) for n in CELLS]
 
 
+def test_a_cell_with_a_checkpoint_runs_before_the_cells_not_started(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    started = tmp_path / "out" / "study" / CELLS[1]  # the second cell, 2 of its 6 rounds done
+    settings = [s for s in FEDMR_CELL if not s.startswith("rounds=")] + ["rounds=2"]
+    assert main(["run", "--quiet", "--out", str(started), *[a for s in settings for a in ("--set", s)]]) == 0
+    (started / "summary.json").unlink()  # as a cell stopped at its checkpoint leaves it
+    capsys.readouterr()
+    assert main(["study", "run", "study.toml", "--quiet"]) == 0
+    done = [line.split("] ")[1].split(":")[0] for line in capsys.readouterr().out.splitlines() if " done] " in line]
+    assert done == [CELLS[1], CELLS[0]]
+
+
 def test_sigterm_stops_a_study_at_a_checkpoint_with_the_command_that_continues(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _study(tmp_path)

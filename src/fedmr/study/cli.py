@@ -86,7 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_folder(study)
     statuses = resolve(study)
     chosen = _select(statuses, args.only)
-    todo = [s for s in chosen if not s.finished]
+    # cells with a checkpoint first: a study resumed over several sittings finishes what it started
+    todo = sorted((s for s in chosen if not s.finished), key=lambda s: s.state != "partial")
     if args.dry_run:
         print(_listing(chosen, args.file))
         print(f"{len(todo)} to run: fedmr study run {shlex.quote(args.file)}"
