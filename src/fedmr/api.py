@@ -167,6 +167,8 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
     from .config import read_toml
     from .engine.compare import run_comparison, variant_folder
 
+    if resume and out is None:
+        raise ConfigError("resume=True continues the comparison in its folder: give out=")
     cfg = _config(config)
     factory, dataset = _overrides(cfg, model, data)
     specs = [describe(a) if isinstance(a, type) else str(a).strip() for a in algorithms]
@@ -181,8 +183,6 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
 
     with tempfile.TemporaryDirectory(prefix="fedmr-compare-") as scratch:
         folder = Path(out) if out is not None else Path(scratch)  # a folder even so: the final states are read back
-        if resume and out is None:
-            raise ConfigError("resume=True continues the comparison in its folder: give out=")
         outcome = run_comparison(cfg, specs, folder, "bar" if progress else "none", resume=resume, data=dataset,
                                  model=factory, on_row=on_row)
         results = {}

@@ -46,10 +46,9 @@ KEEP = 2
 FORMAT = 1
 # Test hook: seconds to sleep between writing a temporary file and renaming it into place.
 TEST_DELAY_ENV = "FEDMR_TEST_CHECKPOINT_DELAY"
-# Config keys that may change between a run and its resumption without changing its numbers.
-# Keys a resumed run may change: how long, where and how it computes, which cache and logging it uses.
-# A key added in a later release belongs here too when it cannot change results, or older checkpoints
-# (which lack it) would refuse to resume.
+# Config keys that may change between a run and its resumption without changing its numbers: how
+# long, where and how it computes, which cache and logging it uses.  A key added in a later release
+# belongs here when it cannot change results, or older checkpoints (which lack it) refuse to resume.
 RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "vectorize_memory_gb", "data_dir",
                                "checkpoint_every", "client_timeout", "cache_dir", "tensorboard"})
 
