@@ -12,7 +12,7 @@ from typing import Any, Union
 
 import torch
 
-from .callbacks import Callback
+from .callbacks import Callback, check_callbacks
 from .config import default_config, load_config, merge, validate
 from .errors import ConfigError
 from .plugins import IN_MEMORY, Arrays, describe
@@ -137,10 +137,8 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
 
 
 def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
-    for cb in callbacks:
-        if not callable(cb):
-            raise ConfigError(f"callbacks must be functions called with each metrics row, got {type(cb).__name__}")
-    return [lambda row, cb=cb: cb(dict(row)) for cb in callbacks]  # a copy each: the recorder keeps its rows
+    """Checked before any data is loaded; each gets a copy of the row (the recorder keeps its rows)."""
+    return [lambda row, cb=cb: cb(dict(row)) for cb in check_callbacks(callbacks)]
 
 
 def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg", "fedmr"), *, model: ModelArg = None,

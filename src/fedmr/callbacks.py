@@ -38,12 +38,16 @@ class TensorBoardLog:
         self._writer.close()
 
 
-def run_callbacks(cfg: Mapping[str, Any], out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
-    """The user's callbacks plus the built-in ones the config asks for."""
-    chosen = list(callbacks)
-    for cb in chosen:
+def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:
+    for cb in callbacks:
         if not callable(cb):
             raise ConfigError(f"callbacks must be functions called with each metrics row, got a {type(cb).__name__}")
+    return list(callbacks)
+
+
+def run_callbacks(cfg: Mapping[str, Any], out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
+    """The user's callbacks plus the built-in ones the config asks for."""
+    chosen = check_callbacks(callbacks)
     if cfg.get("tensorboard"):
         if out_dir is None:
             raise ConfigError("tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")

@@ -70,12 +70,12 @@ def _fmt(value: Any) -> Any:
     return value
 
 
-
 def default_run_dir(*parts: str) -> Path:
     """runs/<part>-<part>-<time>, with characters a folder name should not hold (the ':' and '.' of a
     plug-in's import string, a '/') replaced by '_'."""
     name = "-".join(re.sub(r"[^A-Za-z0-9_-]+", "_", str(p)) for p in (*parts, time.strftime("%Y%m%d-%H%M%S")))
     return Path("runs") / name
+
 
 def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))

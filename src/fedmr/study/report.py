@@ -302,14 +302,13 @@ class Page:
         rows = []
         for method in contrasts:
             for het in hets:
-                finished = [o for o in others if self._paired(groups, method, het, o)]
-                label = f"{len(finished)} of {len(others)}"
-                if not finished:
+                pairs = {o: p for o in others if (p := self._paired(groups, method, het, o))}
+                label = f"{len(pairs)} of {len(others)}"
+                if not pairs:
                     rows.append([method, het, "no pair finished yet", "", "", "", label])
                     continue
-                pairs = {o: self._paired(groups, method, het, o) for o in finished}
                 mean = {o: sum(d for _, d in p) / len(p) for o, p in pairs.items()}
-                rival = min(finished, key=lambda o: mean[o])  # the highest accuracy relative to the method
+                rival = min(pairs, key=lambda o: mean[o])  # the highest accuracy relative to the method
                 diffs = [d for _, d in pairs[rival]]
                 reading = verdict(diffs, margin)
                 rows.append([method, het, rival, ", ".join(f"seed {s}: {points(d)}" for s, d in pairs[rival]),
