@@ -123,6 +123,13 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "compare" in proc.stdout
 
 
+def test_parsing_the_arguments_does_not_import_torch():
+    """The algorithms epilog (which imports torch) is built only for ``run/compare --help``."""
+    code = "import sys, fedmr.cli; fedmr.cli.build_parser().parse_args(['study', 'report', 'x.toml']); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
+
+
 def test_unknown_section_is_rejected(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[fedfoo]\nmu = 1\n")

@@ -31,10 +31,23 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 
 
+_ALGORITHMS_EPILOG = "(the algorithms and their options)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Builds the algorithms epilog only when that help is shown: the registry imports torch
+    (seconds), which ``fedmr --help`` and parsing the arguments need not pay."""
+
+    def format_help(self) -> str:
+        if self.epilog is _ALGORITHMS_EPILOG:
+            self.epilog = algorithm_help()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmr", description="Federated learning via model recombination (FedMR) and baselines.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment", epilog=algorithm_help(),
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run one experiment", epilog=_ALGORITHMS_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(run)
     run.add_argument("--resume", metavar="DIR",
@@ -42,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", metavar="N", type=int,
                      help="rounds between checkpoints (default: at every evaluation, i.e. eval_every)")
     compare = sub.add_parser("compare", help="run several algorithms on the same partition, seed and initial model",
-                             epilog=algorithm_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                             epilog=_ALGORITHMS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare.add_argument("--algorithms",
                          help="comma-separated names; a variant adds @key=value, e.g. fedmr@first_stage_rounds=50")
     _common(compare)
