@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -310,15 +309,10 @@ class BatchedTrainer:
         masks = self.masks.draw(streams, clients, batch) if self.dropouts else ()
         p = {n: params[n][sel] for n in keys}
         b = {n: v[sel] for n, v in buffers.items()}
-        with warnings.catch_warnings():
-            # adaptive_avg_pool2d (ResNet-20's last pooling) restrides its channels_last output with
-            # as_strided_, which vmap runs model by model: a small op, correct (tested), but it warns every run
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet "
-                                    "implemented the batching rule for aten::as_strided_")
-            if self.exact_batches:
-                grads, loss = self._plain(p, b, x, y, masks)
-            else:
-                grads, loss = self._weighted(p, b, x, y, weight[sel], masks)
+        if self.exact_batches:
+            grads, loss = self._plain(p, b, x, y, masks)
+        else:
+            grads, loss = self._weighted(p, b, x, y, weight[sel], masks)
         with torch.no_grad():
             buf = [momentum[n][sel] for n in keys]
             torch._foreach_mul_(buf, settings.momentum)
