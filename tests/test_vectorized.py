@@ -1,6 +1,7 @@
 """The batched (vmap) path: the sequential path's models for ragged clients, and where it refuses."""
 
 import logging
+import warnings
 
 import pytest
 import torch
@@ -181,6 +182,17 @@ def test_batched_models_equal_the_sequential_ones_with_batchnorm_and_uneven_clie
     tasks, sequential, vectorized, rng_seq, rng_vec = both_paths(model, data, settings)
     assert_same_models(data, settings, tasks, sequential, vectorized, rtol=tol, atol=tol)
     assert torch.equal(rng_vec, rng_seq)  # torch's default generator left as the sequential path leaves it
+
+
+def test_resnet20_is_batched_without_a_per_model_fallback():
+    """vmap warns when an op has no batching rule and runs it model by model (adaptive_avg_pool2d
+    on channels_last did, in ResNet-20's last pooling, on the weighted path of uneven clients)."""
+    data = clients_of([6, 3])
+    model = build_model("resnet20", 10, 3, 32).to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        both_paths(model, data, LocalSettings(epochs=1, batch_size=4, lr=0.01, momentum=0.5))
+    assert not [w for w in caught if "batching rule" in str(w.message)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
