@@ -171,8 +171,10 @@ def assert_same_models(data, settings, tasks, sequential, vectorized, rtol, atol
     # float64: the same arithmetic, so any difference in logic would show far above 1e-9
     ("cnn", [9, 3, 6, 11], LocalSettings(epochs=2, batch_size=4, lr=0.05, momentum=0.5), torch.float64, 1e-9),
     ("resnet20", [9, 3, 6, 11], LocalSettings(epochs=2, batch_size=4, lr=0.01, momentum=0.5), torch.float64, 1e-9),
-    # VGG-16 (BatchNorm and dropout, 33.6M parameters) in float32 and few steps, to stay fast
-    ("vgg16", [3, 7], LocalSettings(epochs=1, batch_size=3, lr=0.01, momentum=0.5), torch.float32, 1e-4),
+    # VGG-16 (BatchNorm and dropout, 33.6M parameters), few steps to stay fast.  Also float64: in
+    # float32 its BatchNorm over batches of 3 amplifies the two paths' different rounding past any
+    # fixed tolerance on some CPUs (AVX-512/AMX kernels), while float64's rounding stays ~1e-13.
+    ("vgg16", [3, 7], LocalSettings(epochs=1, batch_size=3, lr=0.01, momentum=0.5), torch.float64, 1e-9),
 ])
 def test_batched_models_equal_the_sequential_ones_with_batchnorm_and_uneven_clients(name, sizes, settings, dtype,
                                                                                   tol, device):
