@@ -4,13 +4,16 @@
     <out>/partition.json       the clients' indices, in the authors' format
     <out>/partition_summary.json
     <out>/metrics.csv          one row per evaluation
-    <out>/summary.json         final / best / mean-of-last-5 accuracy, wall time
+    <out>/summary.json         final / best / mean-of-last-5 accuracy (``last_n``: how many evaluations
+                               that mean is over, fewer than 5 on a short run), wall time
+    <out>/accuracy.png         the accuracy curve (``plot_curves``, the one plot ``compare`` draws too)
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import re
 import time
@@ -22,9 +25,13 @@ from .config import to_toml
 from .errors import ConfigError
 from .fileio import atomic_write, atomic_write_text
 
+log = logging.getLogger("fedmr")
+
 METRIC_COLUMNS = [
     "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb", "elapsed_s",
 ]
+LAST_N = 5  # summary.json's mean_last5_accuracy: over the last LAST_N evaluations (all, if fewer)
+MARKER_POINTS = 30  # a curve with at most this many evaluations is drawn with a marker at each
 
 
 class RunWriter:
@@ -92,14 +99,15 @@ def summarize_metrics(rows: Sequence[Mapping[str, Any]], wall_seconds: float, ro
     if not accs:
         return {"rounds": rounds, "wall_seconds": wall_seconds}
     best = max(range(len(accs)), key=lambda i: accs[i])
-    last5 = accs[-5:]
+    last = accs[-LAST_N:]
     return {
         "rounds": rounds,
         **({"accuracy_from": key} if key != "accuracy" else {}),
         "final_accuracy": accs[-1],
         "best_accuracy": accs[best],
         "best_round": int(rows[best]["round"]),
-        "mean_last5_accuracy": sum(last5) / len(last5),
+        "mean_last5_accuracy": sum(last) / len(last),  # the name stays (other code reads it)
+        "last_n": len(last),  # how many evaluations that mean is over
         "wall_seconds": wall_seconds,
         "rounds_per_second": rounds / wall_seconds if wall_seconds > 0 else float("inf"),
     }
@@ -110,35 +118,106 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) if v not in ("", None) else float("nan") for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
+def _last_n(summary: Mapping[str, Any]) -> int:
+    """How many evaluations a summary's ``mean_last5_accuracy`` is over (a summary written before
+    ``last_n`` existed: 5)."""
+    return int(summary.get("last_n", LAST_N))
+
+
 def comparison_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table, one row per run label."""
+    """Markdown table, one row per run label.  The mean column says how many evaluations it is
+    over: "mean of last 5", or fewer on a short run ("mean of last 3"); where the runs differ in
+    that, the header says "mean of last 5" and each row with fewer says so ("0.8123 (last 3)")."""
+    counts = {_last_n(s) for s in summaries.values()}
+    shared = counts.pop() if len(counts) == 1 else None
     lines = [
-        "| method | final acc | best acc (round) | mean of last 5 | wall s | rounds/s |",
+        f"| method | final acc | best acc (round) | mean of last {LAST_N if shared is None else shared} "
+        "| wall s | rounds/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label, s in summaries.items():
+        n = _last_n(s)
+        note = f" (last {n})" if shared is None and n != LAST_N else ""
         lines.append(
             f"| {label} | {s['final_accuracy']:.4f} | {s['best_accuracy']:.4f} ({s['best_round']}) | "
-            f"{s['mean_last5_accuracy']:.4f} | {s['wall_seconds']:.1f} | {s['rounds_per_second']:.2f} |"
+            f"{s['mean_last5_accuracy']:.4f}{note} | {s['wall_seconds']:.1f} | {s['rounds_per_second']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path, title: str) -> None:
-    """One PNG with the test-accuracy curve of each run."""
-    import matplotlib
+def setting_title(cfg: Mapping[str, Any], model: str, data: str, num_clients: int | None = None,
+                  clients_hold_data: bool = False) -> str:
+    """The model, the data set and how it is split, as plot titles name them: "cnn on cifar10
+    (dirichlet alpha 0.1, 100 clients)".  ``clients_hold_data``: each client trains on its own
+    data (a Flower federation of sites), nothing was split."""
+    n = cfg["num_clients"] if num_clients is None else num_clients
+    partition = cfg.get("partition", "")
+    if clients_hold_data:
+        where = "the sites' own data"
+    elif partition == "dirichlet":
+        where = f"dirichlet alpha {cfg['alpha']:g}"
+    elif partition == "file":
+        where = f"partition {Path(str(cfg.get('partition_file', ''))).name}"
+    else:
+        where = str(partition)
+    return f"{model} on {data} ({where}, {n} clients)"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+YLABELS = {"accuracy": "test accuracy of the global model",
+           "fed_accuracy": "federated evaluation accuracy (the clients' test data)"}
+
+
+def accuracy_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str, *, key: str = "accuracy",
+                    legend: bool = True) -> Any:
+    """The matplotlib ``Figure`` of ``plot_curves`` (on an Agg canvas, without pyplot: no display
+    needed, and the caller's own backend is left alone): the accuracy curve (column ``key``
+    against ``round``) of each run, whole rounds on the x axis, a marker at every evaluation when a
+    curve has few (``MARKER_POINTS``), rows without a value skipped."""
+    mpl_log = logging.getLogger("matplotlib")  # the CLI logs at INFO: keep font_manager's lines out of it
+    if mpl_log.level == logging.NOTSET:
+        mpl_log.setLevel(logging.WARNING)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for label, rows in curves.items():
-        ax.plot([r["round"] for r in rows], [r["accuracy"] for r in rows], label=label, linewidth=1.4)
+        points = [(float(r["round"]), float(r[key])) for r in rows if _finite(r.get(key))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.4,
+                marker="o" if len(points) <= MARKER_POINTS else None, markersize=4)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy of the global model")
+    ax.set_ylabel(YLABELS.get(key, key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if legend:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str, *,
+                key: str = "accuracy", legend: bool = True) -> None:
+    """One PNG with the accuracy curve of each run (``accuracy_figure``), written atomically (a
+    crash leaves no half file).  Both ``fedmr run`` (the engine's recorder: each run's
+    ``accuracy.png``) and ``fedmr compare`` (all variants in one) draw with it."""
+    fig = accuracy_figure(curves, title, key=key, legend=legend)
+    atomic_write(Path(path), lambda tmp: fig.canvas.print_png(str(tmp)))
+
+
+def write_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str, **options: Any) -> bool:
+    """``plot_curves``, but a failure (no matplotlib, no fonts, a full disk) is a logged warning, not
+    an error: it is called after the results it draws are written (a run's metrics.csv and
+    summary.json, a comparison's table), which a plot must never lose.  Whether it was written."""
+    try:
+        plot_curves(curves, path, title, **options)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure of the plot leaves the results as they are
+        log.warning("could not draw %s (%s: %s); the results beside it are written", path, type(exc).__name__, exc)
+        try:
+            Path(str(path) + ".tmp").unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False

@@ -208,8 +208,11 @@ class Algorithm(abc.ABC):
         """The model evaluated (and saved) as the run's result."""
 
     def round_metrics(self) -> dict[str, float]:
-        """Extra statistics logged with each evaluation (e.g. pool similarity)."""
-        return {}
+        """Extra statistics logged with each evaluation: ``client_state_mb`` (the memory kept per
+        client between rounds; 0 here, for a method that keeps none), ``pool_cosine`` where a method
+        keeps a pool of models.  An override returns what it measures; a column it leaves out is
+        written as the recorder's default (``client_state_mb`` 0, ``pool_cosine`` empty)."""
+        return {"client_state_mb": 0.0}
 
     @abc.abstractmethod
     def server_state(self) -> dict[str, torch.Tensor]:

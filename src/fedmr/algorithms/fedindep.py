@@ -53,7 +53,7 @@ class FedIndep(Algorithm):
         return self._mean
 
     def round_metrics(self) -> dict[str, float]:
-        return {"pool_cosine": mean_pairwise_cosine(self.pool)}
+        return {**super().round_metrics(), "pool_cosine": mean_pairwise_cosine(self.pool)}  # the pool is the server's
 
     def server_state(self) -> dict[str, torch.Tensor]:
         return prefixed("pool.", self.pool)

@@ -18,7 +18,7 @@ import torch
 from ..callbacks import close_callbacks, run_callbacks
 from ..algorithms.base import Algorithm
 from ..plugins import IN_MEMORY
-from ..results import METRIC_COLUMNS, RunWriter, summarize_metrics
+from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 
@@ -45,11 +45,14 @@ class Recorder:
       accuracy/loss cells instead of an evaluation.
     * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, then the round's ``clients``,
       ``rejected``, ``dropped`` and ``train_loss`` as the front end counted them, then the
-      algorithm's ``round_metrics()``: ``pool_cosine`` and ``client_state_mb``, empty when the
-      algorithm has none, then ``elapsed_s`` since the run began, resumed runs included).
+      algorithm's ``round_metrics()``: ``pool_cosine``, empty when the algorithm keeps no pool, and
+      ``client_state_mb``, 0 when it keeps nothing per client, then ``elapsed_s`` since the run
+      began, resumed runs included).
     * Checkpoints: after every ``checkpoint_every``-th round (0: at every evaluation), after the
       last one, and whenever the front end asks (``force``: a stop signal).
-    * The end: ``model.safetensors`` (the global model) and ``summary.json``.
+    * The end: ``model.safetensors`` (the global model), ``summary.json``, then ``accuracy.png``
+      (the accuracy curve, drawn as ``fedmr compare`` draws its curves; a plot that fails is a
+      logged warning, never a lost run).
 
     Extra columns: a front end that measures more per evaluation (e.g. Flower's federated
     evaluation, ``fed_accuracy`` / ``fed_loss``) names them once in ``extra_columns`` and passes
@@ -134,7 +137,7 @@ class Recorder:
             raise ValueError(f"metric '{unknown[0]}' is not among the recorder's extra_columns {self.extra_columns}")
         acc, loss = self.evaluate()
         row: Row = {"round": done, "accuracy": acc, "loss": loss, **round_stats,
-                    "pool_cosine": None, **self.algorithm.round_metrics(),
+                    "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(),
                     **{c: extra.get(c) for c in self.extra_columns}, "elapsed_s": self.elapsed()}
         self.rows.append(row)
         if self.writer is not None:
@@ -161,12 +164,23 @@ class Recorder:
     # ---- the end ---------------------------------------------------------------------------
     def finish(self, summary_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The run's summary (``summary_extra`` after the algorithm, data set and model); with a writer
-        also ``model.safetensors`` and ``summary.json``."""
+        also ``model.safetensors`` and ``summary.json``, then ``accuracy.png``."""
         wall = self.elapsed()
         summary = {"algorithm": self.cfg["algorithm"], "dataset": self.cfg["dataset"], "model": self.exp.model_name,
                    **(summary_extra or {}), **summarize_metrics(self.rows, wall, self.rounds)}
         if self.writer is not None:
             save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
             self.writer.write_summary(summary)
+            if "final_accuracy" in summary:  # something to draw
+                write_plot({self.cfg["algorithm"]: self.rows}, self.writer.dir / "accuracy.png", self.title(),
+                           key=summary.get("accuracy_from", "accuracy"), legend=False)
         close_callbacks(self.on_row)
         return summary
+
+    def title(self) -> str:
+        """The plot's title: "fedavg — cnn on cifar10 (dirichlet alpha 0.1, 100 clients)".  An
+        experiment whose server holds no training samples is a federation of sites on their own data."""
+        exp = self.exp
+        setting = setting_title(self.cfg, exp.model_name, exp.data.name, len(exp.partition),
+                                clients_hold_data=not len(exp.data.train_y))
+        return f"{self.cfg['algorithm']} — {setting}"
