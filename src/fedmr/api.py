@@ -4,6 +4,7 @@ with your own model factory and data passed as Python objects (see docs/api.md).
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def _call_loader(loader: Callable[[], Any]) -> Any:
 
 
 def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, out: str | Path | None = None,
-        callbacks: Sequence[Callback] = (), progress: bool = False, resume: bool = False) -> RunResult:
+        callbacks: Sequence[Callback] = (), progress: bool | None = None, resume: bool = False) -> RunResult:
     """Run one experiment, exactly as ``fedmr run`` does.
 
     Args:
@@ -113,7 +114,9 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
         out: a results folder to write exactly as ``fedmr run --out`` (config.toml, metrics.csv,
             summary.json, checkpoints, model.safetensors); None writes nothing.
         callbacks: functions called with each evaluation row (a dict) as the run goes.
-        progress: show a progress bar on stderr.
+        progress: show the CLI's progress bar on stderr (rounds, latest accuracy, seconds per
+            round); None (the default) shows it in a terminal or a notebook and not in a script
+            whose stderr goes to a file or pipe.
         resume: continue the run in ``out`` from its newest checkpoint, as ``fedmr run --resume``
             (the same config, model and data; only the resumable keys such as ``rounds`` may
             change, and arrays must be the ones it started with: their checksum is checked).
@@ -124,16 +127,26 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
     Raises:
         fedmr.FedMRError: a bad config, plug-in or data set (the CLI's one-line errors).
     """
-    from .engine.simulator import Simulation, prepare
+    from .engine.simulator import Simulation, check_output_folder, prepare
 
     if resume and out is None:
         raise ConfigError("resume=True continues the run in a results folder: give out=")
     cfg = _config(config)
+    if out is not None:
+        check_output_folder(out, resume)
     factory, dataset = _overrides(cfg, model, data)
     exp = prepare(cfg, data=dataset, model=factory)
-    outcome = Simulation(exp, out_dir=out, progress="bar" if progress else "none", on_row=_checked(callbacks),
+    outcome = Simulation(exp, out_dir=out, progress=_progress(progress), on_row=_checked(callbacks),
                          resume=resume).run()
     return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir)
+
+
+def _progress(progress: bool | None) -> str:
+    """The Simulation's progress mode: a bar when asked, or by default where someone watches (a
+    terminal, a Jupyter kernel); "none" prints nothing at all (no partition summary either)."""
+    if progress is None:
+        progress = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return "bar" if progress else "none"
 
 
 def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
@@ -143,7 +156,7 @@ def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
 
 def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg", "fedmr"), *, model: ModelArg = None,
             data: DataArg = None, out: str | Path | None = None, callbacks: Sequence[Callback] = (),
-            progress: bool = False, resume: bool = False) -> dict[str, RunResult]:
+            progress: bool | None = None, resume: bool = False) -> dict[str, RunResult]:
     """Run several algorithms on the same data, partition, seed and initial model, as ``fedmr compare``.
 
     Args:
@@ -181,7 +194,7 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
 
     with tempfile.TemporaryDirectory(prefix="fedmr-compare-") as scratch:
         folder = Path(out) if out is not None else Path(scratch)  # a folder even so: the final states are read back
-        outcome = run_comparison(cfg, specs, folder, "bar" if progress else "none", resume=resume, data=dataset,
+        outcome = run_comparison(cfg, specs, folder, _progress(progress), resume=resume, data=dataset,
                                  model=factory, on_row=on_row)
         results = {}
         for spec in specs:

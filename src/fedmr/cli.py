@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import algorithm_help, load_config, validate
+from .config import algorithm_help, load_config, settings_help
 from .errors import ConfigError, FedMRError
 from .results import default_run_dir
 
@@ -31,16 +32,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
 
 
-_ALGORITHMS_EPILOG = "(the algorithms and their options)"
+_ALGORITHMS_EPILOG = "(the general keys, the algorithms and their options)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """Builds the algorithms epilog only when that help is shown: the registry imports torch
+    """Builds the keys-and-algorithms epilog only when that help is shown: the registry imports torch
     (seconds), which ``fedmr --help`` and parsing the arguments need not pay."""
 
     def format_help(self) -> str:
         if self.epilog is _ALGORITHMS_EPILOG:
-            self.epilog = algorithm_help()
+            self.epilog = settings_help() + "\n\n" + algorithm_help()
         return super().format_help()
 
 
@@ -100,6 +101,17 @@ def _assignments(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[st
     return assignments
 
 
+def resume_command(command: str, out: Path, cfg: dict[str, Any], specs: Sequence[str] = ()) -> str:
+    """The command that resumes a stopped run, as it works pasted into a new shell in this folder:
+    prefixed with the PYTHONPATH its plug-ins need (a new shell has none of this one's)."""
+    from .plugins import import_roots
+
+    variants = {spec.partition("@")[0] for spec in specs}  # compare's plug-in variants, e.g. mine:Algo@beta=0.5
+    roots = import_roots({**{name: {} for name in variants if ":" in name}, **cfg})
+    prefix = f"PYTHONPATH={shlex.quote(os.pathsep.join(roots))} " if roots else ""
+    return f"{prefix}fedmr {command} --resume {shlex.quote(str(out))}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .engine.simulator import resumed_config, run_experiment
 
@@ -115,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume))
     if outcome.stopped_after is not None:
         print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg['rounds']}; checkpoint saved in "
-              f"{out / 'checkpoints'}\nresume with: fedmr run --resume {shlex.quote(str(out))}", file=sys.stderr)
+              f"{out / 'checkpoints'}\nresume with: {resume_command('run', out, cfg)}", file=sys.stderr)
         return 128 + outcome.stop_signal
     s = outcome.summary
     print(f"{cfg['algorithm']}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
@@ -146,7 +158,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
     if outcome.stop_signal:
         print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
-              f"resume with: fedmr compare --resume {shlex.quote(str(out))}", file=sys.stderr)
+              f"resume with: {resume_command('compare', out, cfg, specs)}", file=sys.stderr)
         return 128 + outcome.stop_signal
     print(comparison_table(outcome.summaries), end="")
     print(f"table: {out / 'comparison.md'}\nplot:  {out / 'accuracy.png'}")
@@ -164,11 +176,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .data.normalization import channels, describe, raw_channel_stats
 
-    cfg = load_config(None, args.assignments)
-    cfg["dataset"] = args.dataset
+    given = [f"dataset={json.dumps(args.dataset)}"]  # first, so --set may name the loader's options
     if args.data_dir is not None:
-        cfg["data_dir"] = args.data_dir
-    cfg = validate(cfg)
+        given.append(f"data_dir={json.dumps(args.data_dir)}")
+    cfg = load_config(None, [*given, *args.assignments], uses="data")
     start = time.perf_counter()
     data = load_dataset(cfg)
     seconds = time.perf_counter() - start
@@ -200,7 +211,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .partition import config_json, format_summary, make_partition, summarize
     from .fileio import atomic_write_text
 
-    cfg = load_config(args.config, args.assignments)
+    cfg = load_config(args.config, args.assignments, uses="partition")
     if not (args.out or args.export):
         raise ConfigError("fedmr partition needs --out FILE.json, --export DIR or both")
     if args.export:
@@ -248,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedmr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedmr data info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

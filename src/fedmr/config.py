@@ -12,6 +12,7 @@ import copy
 import math
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,39 +23,71 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
+
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One top-level config key: its default (the paper's), a line of help, and the group of
+    commands that use it ("data": every command that loads data; "partition": also ``fedmr
+    partition``; "run": training only).  The defaults, ``fedmr run --help`` and the checks read these."""
+
+    name: str
+    default: Any
+    help: str
+    group: str = "run"
+
 
 # The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
-DEFAULTS: dict[str, Any] = {
-    "algorithm": "fedmr",
-    "dataset": "digits",
-    "data_dir": "data",
-    "normalization": "auto",  # "auto" (the data set's paper default), "cifar10", "cifar10-stats", "femnist", "none"
-    "cache_dir": "",  # decoded-data cache; "" = $FEDMR_CACHE, else .fedmr-cache beside the data, else ~/.cache/fedmr
-    "model": "auto",
-    "num_clients": 100,
-    "clients_per_round": 10,
-    "rounds": 500,
-    "local_epochs": 5,
-    "batch_size": 50,
-    "lr": 0.01,
-    "momentum": 0.5,
-    "partition": "dirichlet",
-    "alpha": 0.1,
-    "partition_file": "",
-    "seed": 1,
-    "eval_every": 10,
-    "test_batch_size": 1000,
-    "device": "auto",  # "cpu", "cuda" or "auto" (the GPU when there is one)
-    "workers": "auto",  # client processes: N or "auto" (one single-thread process per core on a CPU)
-    "vectorize": "auto",  # train the round's clients as one batched computation: true, false or "auto"
-    "vectorize_memory_gb": "auto",  # GB the vectorized path's stacked models may use; "auto" or 0 = from free memory
-    "client_timeout": 0.0,  # seconds a client may train before it is dropped for the round; 0 = no limit
-    "max_update_norm": 0.0,
-    "dropout_rate": 0.0,  # fraction of the selected clients that fail each round (seeded)
-    "checkpoint_every": 0,  # rounds between checkpoints; 0 = at every evaluation
-    "tensorboard": False,  # also write the metrics to <results>/tensorboard (needs the tensorboard extra)
-}
+SETTINGS: tuple[Setting, ...] = (
+    Setting("algorithm", "fedmr", "fedmr, fedindep, fedavg, fedprox, scaffold, moon, fedgen, clustered, or pkg.mod:Class"),
+    Setting("dataset", "digits", "digits, cifar10, cifar100, femnist, imagefolder, or a loader pkg.mod:function", "data"),
+    Setting("data_dir", "data", "where the data set lies (a folder or archive)", "data"),
+    Setting("normalization", "auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data"),
+    Setting("cache_dir", "", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "
+            "~/.cache/fedmr", "data"),
+    Setting("model", "auto", "cnn, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory"),
+    Setting("num_clients", 100, "clients the training set is split among", "partition"),
+    Setting("clients_per_round", 10, "clients selected each round (K)"),
+    Setting("rounds", 500, "communication rounds"),
+    Setting("local_epochs", 5, "local epochs per round"),
+    Setting("batch_size", 50, "local batch size"),
+    Setting("lr", 0.01, "local SGD learning rate"),
+    Setting("momentum", 0.5, "local SGD momentum"),
+    Setting("partition", "dirichlet", "iid, dirichlet, file (partition_file) or natural (the data set's writers)",
+            "partition"),
+    Setting("alpha", 0.1, "Dirichlet concentration (smaller: more skewed labels)", "partition"),
+    Setting("partition_file", "", "a partition JSON (fedmr partition --out) for partition = \"file\"", "partition"),
+    Setting("seed", 1, "seed of the partition, the initial model and every random draw", "partition"),
+    Setting("eval_every", 10, "rounds between evaluations of the global model"),
+    Setting("test_batch_size", 1000, "batch size of evaluation"),
+    Setting("device", "auto", "cpu, cuda or auto (the GPU when there is one)"),
+    Setting("workers", "auto", "client processes: N or auto (one single-thread process per core on a CPU)"),
+    Setting("vectorize", "auto", "train the round's clients as one batched computation: true, false or auto"),
+    Setting("vectorize_memory_gb", "auto", "GB the vectorized path's stacked models may use; auto or 0 = from free memory"),
+    Setting("client_timeout", 0.0, "seconds a client may train before it is dropped for the round; 0 = no limit"),
+    Setting("max_update_norm", 0.0, "reject client updates whose norm exceeds this; 0 = off"),
+    Setting("dropout_rate", 0.0, "fraction of the selected clients that fail each round (seeded)"),
+    Setting("checkpoint_every", 0, "rounds between checkpoints; 0 = at every evaluation"),
+    Setting("tensorboard", False, "also write the metrics to <results>/tensorboard (needs the tensorboard extra)"),
+)
+DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
+USES = {"data": ("data",), "partition": ("data", "partition"), "run": ("data", "partition", "run")}
+"""Which setting groups each kind of command reads (and so checks)."""
+
+
+def used_keys(uses: str) -> set[str]:
+    return {s.name for s in SETTINGS if s.group in USES[uses]}
+
+
+def settings_help() -> str:
+    """The general keys and their defaults (part of the epilog of ``fedmr run --help``)."""
+    lines = ["general keys (--set KEY=VALUE, or top-level keys of the config file), with their defaults:"]
+    for s in SETTINGS:
+        lines.append(f"  {s.name} = {tomli_w.dumps({'v': s.default})[4:].strip()}  {s.help}")
+    return "\n".join(lines)
+
 
 PARTITIONS = ("iid", "dirichlet", "file", "natural")
 
@@ -136,13 +169,15 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -
     for key, value in overrides.items():
         name = f"{where}{key}"
         if key not in base and not where and isinstance(value, Mapping) and ":" in key:
-            from .plugins import algorithm_defaults  # a plug-in algorithm's options: its class declares them
+            from .plugins import section_defaults  # a plug-in's options: its class or signature declares them
 
-            base[key] = algorithm_defaults(key, f"[{key}]")
+            base[key] = section_defaults(key, f"[{key}]")
         if key not in base:
+            sections = [k for k, v in base.items() if isinstance(v, dict)]
             if not where and isinstance(value, Mapping):
-                raise ConfigError(f"unknown config section '{name}' (no such algorithm)")
-            raise ConfigError(f"unknown config key '{name}'")
+                raise ConfigError(f"unknown config section '{name}' (no such algorithm){did_you_mean(key, sections)}")
+            known = [k for k in base if k not in sections] if not where else list(base)
+            raise ConfigError(f"unknown config key '{name}'{did_you_mean(key, known, where)}")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{name}' is a section; set its keys as {name}.KEY")
@@ -154,8 +189,9 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -
     return base
 
 
-def load_config(path: str | Path | None = None, assignments: Iterable[str] = ()) -> dict[str, Any]:
-    """Defaults, then the TOML file, then each ``--set`` in order; validated."""
+def load_config(path: str | Path | None = None, assignments: Iterable[str] = (), uses: str = "run") -> dict[str, Any]:
+    """Defaults, then the TOML file, then each ``--set`` in order; validated for a command that
+    ``uses`` "run" (every key), "partition" or "data" (only the keys those read: see ``Setting.group``)."""
     cfg = default_config()
     if path is not None:
         merge(cfg, read_toml(path))
@@ -165,7 +201,7 @@ def load_config(path: str | Path | None = None, assignments: Iterable[str] = ())
         for key in reversed(keys):
             nested = {key: nested}
         merge(cfg, nested)
-    return validate(cfg)
+    return validate(cfg, uses)
 
 
 def _brief(value: Any) -> str:
@@ -200,15 +236,21 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check types and ranges; returns the same dict with numbers normalised."""
+def validate(cfg: dict[str, Any], uses: str = "run") -> dict[str, Any]:
+    """Check types and ranges of the keys a command ``uses`` (see ``load_config``); returns the
+    same dict with numbers normalised."""
     from .algorithms import ALGORITHMS
 
+    used = used_keys(uses)
+    training = uses == "run"
     reference = default_config()
     for key, default in reference.items():
         if isinstance(default, dict):
-            for sub, sub_default in default.items():
-                cfg[key][sub] = _check_type(f"{key}.{sub}", cfg[key][sub], sub_default)
+            if training:
+                for sub, sub_default in default.items():
+                    cfg[key][sub] = _check_type(f"{key}.{sub}", cfg[key][sub], sub_default)
+        elif key not in used:
+            continue
         elif key == "workers":
             value = cfg[key]
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -225,16 +267,38 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             cfg[key] = _check_type(key, cfg[key], default)
 
-    _validate_plugins(cfg)
+    _validate_plugins(cfg, training)
     for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "test_batch_size"):
-        if cfg[key] < 1:
+        if key in used and cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[key]}")
-    if cfg["clients_per_round"] > cfg["num_clients"]:
+    if training and cfg["clients_per_round"] > cfg["num_clients"]:
         raise ConfigError(
             f"clients_per_round ({cfg['clients_per_round']}) cannot exceed num_clients ({cfg['num_clients']})"
         )
-    if not 0 <= cfg["seed"] < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
+    if "seed" in used and not 0 <= cfg["seed"] < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
         raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {_brief(cfg['seed'])}")
+    if training:
+        _check_training_ranges(cfg)
+    if "partition" in used:
+        if cfg["partition"] not in PARTITIONS:
+            raise ConfigError(f"unknown partition '{cfg['partition']}' (choose from {', '.join(PARTITIONS)})"
+                              f"{did_you_mean(cfg['partition'], PARTITIONS)}")
+        if cfg["partition"] == "dirichlet" and cfg["alpha"] <= 0:
+            raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {cfg['alpha']}")
+        if cfg["partition"] == "file" and not cfg["partition_file"]:
+            raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
+    from .data.normalization import CHOICES as NORMALIZATIONS
+
+    if cfg["normalization"] not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalization '{cfg['normalization']}' (choose from {', '.join(NORMALIZATIONS)})"
+                          f"{did_you_mean(cfg['normalization'], NORMALIZATIONS)}")
+    if training:
+        for name, cls in ALGORITHMS.items():
+            cls.check_options(cfg[name])
+    return cfg
+
+
+def _check_training_ranges(cfg: dict[str, Any]) -> None:
     if not 0 <= cfg["dropout_rate"] < 1:
         raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {cfg['dropout_rate']}")
     if cfg["max_update_norm"] < 0:
@@ -245,37 +309,42 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config key 'lr' must be positive, got {cfg['lr']}")
     if not 0 <= cfg["momentum"] < 1:
         raise ConfigError(f"config key 'momentum' must be in [0, 1), got {cfg['momentum']}")
-    if cfg["partition"] not in PARTITIONS:
-        raise ConfigError(f"unknown partition '{cfg['partition']}' (choose from {', '.join(PARTITIONS)})")
-    if cfg["partition"] == "dirichlet" and cfg["alpha"] <= 0:
-        raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {cfg['alpha']}")
-    if cfg["partition"] == "file" and not cfg["partition_file"]:
-        raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
-    from .data.normalization import CHOICES as NORMALIZATIONS
-
-    if cfg["normalization"] not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalization '{cfg['normalization']}' (choose from {', '.join(NORMALIZATIONS)})")
     if cfg["client_timeout"] < 0:
         raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {cfg['client_timeout']}")
     if cfg["device"] not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {cfg['device']!r}")
-    for name, cls in ALGORITHMS.items():
-        cls.check_options(cfg[name])
-    return cfg
 
 
-def _validate_plugins(cfg: dict[str, Any]) -> None:
-    """The algorithm (built-in or a plug-in class) and every plug-in's section; a plug-in model or
-    data set must at least import and be callable (its contract is checked when it runs)."""
-    from .plugins import algorithm_class, algorithm_defaults, is_import_string, resolve_callable
+def _validate_plugins(cfg: dict[str, Any], training: bool = True) -> None:
+    """The names of the algorithm, model and data set (built-in, or user code that must at least
+    import and be callable: its contract is checked when it runs) and every plug-in's section, all
+    before any data is loaded.  Without ``training``, only the data set."""
+    from .data import check_dataset_name
+    from .models import check_model_name
+    from .plugins import (algorithm_class, algorithm_defaults, check_loader_options, is_import_string,
+                          is_loader_section, loader_defaults, resolve_callable)
 
+    check_dataset_name(cfg["dataset"])
+    if is_import_string(cfg["dataset"]):
+        resolve_callable("dataset", cfg["dataset"])
+        options = loader_defaults(cfg["dataset"])
+        if options and cfg["dataset"] not in cfg:  # recorded in config.toml, as an algorithm's options are
+            cfg[cfg["dataset"]] = options
+    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict) and is_loader_section(k)]:
+        if name != cfg["dataset"]:
+            raise ConfigError(f"config section '{name}' names a function, not an Algorithm class, and is not "
+                              f"the data set's loader (dataset = {cfg['dataset']!r})")
+        check_loader_options(name, cfg[name])
+    if not training:
+        return
     algorithm_class(cfg["algorithm"])
     if is_import_string(cfg["algorithm"]) and cfg["algorithm"] not in cfg:
         cfg[cfg["algorithm"]] = algorithm_defaults(cfg["algorithm"], "algorithm")
-    for key in ("model", "dataset"):
-        if is_import_string(cfg[key]):
-            resolve_callable(key, cfg[key])
-    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict)]:
+    check_model_name(cfg["model"])
+    if is_import_string(cfg["model"]):
+        resolve_callable("model", cfg["model"])
+    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict)
+                 and not is_loader_section(k)]:
         cls = algorithm_class(name, f"[{name}]")
         for sub, sub_default in algorithm_defaults(name, f"[{name}]").items():
             cfg[name][sub] = _check_type(f"{name}.{sub}", cfg[name].get(sub, sub_default), sub_default)

@@ -1,5 +1,9 @@
 """The project's error types: each becomes a one-line message and a non-zero exit in the CLI."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
 
 class FedMRError(Exception):
     """Base class for every error the CLI reports as ``error: <message>`` without a traceback."""
@@ -23,3 +27,13 @@ class CheckpointError(FedMRError):
 
 class PluginError(ConfigError):
     """A user model, data set or algorithm named by import string that cannot be used as one."""
+
+
+def did_you_mean(word: object, choices: Iterable[str], prefix: str = "") -> str:
+    """' (did you mean 'rounds'?)' for a near miss among ``choices`` (named with ``prefix``), else ''."""
+    import difflib
+
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -42,3 +42,35 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_writable_folder(folder: Path | str) -> None:
+    """Refuse, before any work, a results folder that cannot be written: a file in its path, a
+    read-only place, no permission.  It makes the missing folders and a probe file, then removes
+    them all again, so a run that fails later (bad data) leaves nothing behind."""
+    from .errors import ConfigError
+
+    folder = Path(folder)
+    lineage = [folder, *folder.parents]
+    for place in lineage:
+        if place.exists() or place.is_symlink():
+            if not place.is_dir():
+                what = "the output path" if place == folder else f"{place}, in the output path,"
+                raise ConfigError(f"cannot write the results folder {folder}: {what} is a file, not a folder")
+            break
+    created: list[Path] = []
+    try:
+        for place in reversed([p for p in lineage if not p.exists()]):
+            place.mkdir()
+            created.append(place)
+        probe = folder / f".fedmr-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the results folder {folder}: {exc.strerror or exc}") from None
+    finally:
+        for place in reversed(created):
+            try:
+                place.rmdir()
+            except OSError:
+                pass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 
 class FLModel(nn.Module):
@@ -205,11 +205,16 @@ MODELS: dict[str, tuple[Callable[..., FLModel], int]] = {
 }
 
 
+def check_model_name(name: str) -> None:
+    """A built-in model, "auto", or an import string (which the plug-in checks resolve)."""
+    if name != "auto" and ":" not in name and name not in MODELS:
+        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODELS)}, \"auto\", or name your own as "
+                          f"'package.module:factory'){did_you_mean(name, [*MODELS, 'auto'])}")
+
+
 def check_fits(name: str, input_shape: Sequence[int]) -> None:
     """Raise ConfigError unless model ``name`` takes samples of ``input_shape`` (without the batch dim)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model '{name}' (choose from {', '.join(MODELS)}, \"auto\", or name your own as "
-                          f"'package.module:factory')")
+    check_model_name(name)
     if name == "mlp":
         return
     shape = tuple(input_shape)

@@ -6,8 +6,10 @@ Three contracts (see docs/api.md):
 * ``model = "pkg.mod:factory"``: ``factory(num_classes, input_shape) -> torch.nn.Module``, where
   ``input_shape`` is one sample's shape without the batch dimension; a class with that constructor
   is a factory too.
-* ``dataset = "pkg.mod:loader"``: ``loader() -> (train_x, train_y, test_x, test_y)``, tensors or
-  numpy arrays, labels integer classes ``0..C-1``; any sample shape and dtype.
+* ``dataset = "pkg.mod:loader"``: ``loader(**options) -> (train_x, train_y, test_x, test_y)``,
+  tensors or numpy arrays, labels integer classes ``0..C-1``; any sample shape and dtype.  A
+  loader that declares ``data_dir`` gets the config key of that name; its other keyword
+  parameters with defaults are its options, set in the section ``["pkg.mod:loader"]``.
 * ``algorithm = "pkg.mod:Class"``: a subclass of :class:`fedmr.Algorithm`; its options live in the
   config section named like the value (``["pkg.mod:Class"]`` in TOML).
 
@@ -18,6 +20,7 @@ code, to be trusted like code.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Union
@@ -28,7 +31,7 @@ from torch import nn
 
 from .errors import PluginError
 
-IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays from Python
+from .data import IN_MEMORY  # noqa: E402,F401  (the dataset value recorded for arrays passed from Python)
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPEC = re.compile(rf"^({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)$")
@@ -118,10 +121,10 @@ def algorithm_class(spec: str, key: str = "algorithm") -> type:
 
     if not is_import_string(spec):
         if spec not in ALGORITHMS:
-            from .errors import ConfigError
+            from .errors import ConfigError, did_you_mean
 
             raise ConfigError(f"unknown algorithm '{spec}' (choose from {', '.join(ALGORITHMS)}, or name your own "
-                              f"as 'package.module:Class')")
+                              f"as 'package.module:Class'){did_you_mean(spec, ALGORITHMS)}")
         return ALGORITHMS[spec]
     cls = resolve(key, spec)
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
@@ -135,6 +138,68 @@ def algorithm_defaults(spec: str, key: str) -> dict[str, Any]:
     import copy
 
     return copy.deepcopy(dict(getattr(algorithm_class(spec, key), "defaults", {}) or {}))
+
+
+def section_defaults(spec: str, key: str) -> dict[str, Any]:
+    """The reference of a plug-in's config section ``[spec]``: an algorithm's options, or a data
+    loader's keyword options (from its signature)."""
+    if is_loader_section(spec):
+        return loader_defaults(spec, key)
+    return algorithm_defaults(spec, key)
+
+
+# ---- data loaders' options ---------------------------------------------------------------
+DATA_DIR = "data_dir"  # a loader that declares this parameter gets the config's data_dir
+_OPTION_TYPES = (bool, int, float, str)
+
+
+def is_loader_section(spec: str) -> bool:
+    """Whether ``[spec]`` holds a data loader's options (it names a callable that is not an Algorithm)."""
+    from .algorithms.base import Algorithm
+
+    obj = resolve(f"[{spec}]", spec)
+    return callable(obj) and not (isinstance(obj, type) and issubclass(obj, Algorithm))
+
+
+def _loader_parameters(spec: str, key: str) -> list[inspect.Parameter]:
+    loader = resolve_callable(key, spec)
+    try:
+        return list(inspect.signature(loader).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: called with nothing
+        return []
+
+
+def loader_defaults(spec: str, key: str = "dataset") -> dict[str, Any]:
+    """A loader's options: its keyword parameters with a default of a TOML type (bool, int, float,
+    str), in order; ``data_dir`` is not among them (it comes from the config key of that name)."""
+    options = {}
+    for p in _loader_parameters(spec, key):
+        if p.name == DATA_DIR or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            continue
+        if p.default is p.empty:
+            raise PluginError(f"{_where(key)}: the loader '{spec}' requires parameter '{p.name}', which has no "
+                              f"default; fedmr passes only {DATA_DIR} and the options of the config section "
+                              f"['{spec}'], which take their defaults from the signature: give '{p.name}' one")
+        if isinstance(p.default, _OPTION_TYPES):
+            options[p.name] = p.default
+    return options
+
+
+def check_loader_options(spec: str, options: Mapping[str, Any]) -> None:
+    """The options of ``[spec]`` have the types of the loader's defaults (unknown keys are refused by the config)."""
+    from .config import _check_type
+
+    for name, default in loader_defaults(spec, f"[{spec}]").items():
+        if name in options:
+            _check_type(f"{spec}.{name}", options[name], default)
+
+
+def loader_arguments(spec: str, cfg: Mapping[str, Any], key: str = "dataset") -> dict[str, Any]:
+    """What a loader is called with: ``data_dir`` if it declares it, and its section's options."""
+    kwargs = dict(cfg.get(spec) or {})
+    if any(p.name == DATA_DIR for p in _loader_parameters(spec, key)):
+        kwargs[DATA_DIR] = cfg[DATA_DIR]
+    return kwargs
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -201,10 +266,11 @@ def dataset_from_arrays(key: str, arrays: Any, name: str) -> Any:
     return DataSet(name, tx, ty, vx, vy, num_classes, [str(c) for c in range(num_classes)], default_model=default)
 
 
-def load_user_dataset(spec: str, key: str = "dataset") -> Any:
+def load_user_dataset(spec: str, key: str = "dataset", cfg: Mapping[str, Any] | None = None) -> Any:
     loader = resolve_callable(key, spec)
+    kwargs = loader_arguments(spec, cfg, key) if cfg is not None else {}
     try:
-        arrays = loader()
+        arrays = loader(**kwargs)
     except PluginError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's loader failed
@@ -279,6 +345,34 @@ def model_builder(spec: str | Callable[..., Any], data: Any,
             raise PluginError(f"{key}= takes a factory(num_classes, input_shape) or a class, got {_a(type(spec).__name__)}")
         factory, label = spec, describe(spec)
     return label, lambda: build_user_model(key, factory, data.num_classes, shape, label), True
+
+
+def import_roots(cfg: Mapping[str, Any]) -> list[str]:
+    """The folders (absolute) a fresh shell must put on PYTHONPATH to import the plug-ins ``cfg``
+    names: the root of each plug-in's top-level package, unless it lies in the interpreter's own
+    library or site-packages folders.  What a printed resume command prefixes."""
+    import sys
+    import sysconfig
+    from pathlib import Path
+
+    names = {v for k, v in cfg.items() if k in ("algorithm", "model", "dataset") and is_import_string(v)}
+    names |= {k for k, v in cfg.items() if is_plugin_section(k, v)}
+    system = {Path(p).resolve() for p in sysconfig.get_paths().values()} | {Path(sys.prefix).resolve(),
+                                                                            Path(sys.base_prefix).resolve()}
+    roots: list[str] = []
+    for name in sorted(names):
+        top = name.partition(":")[0].split(".")[0]
+        module = sys.modules.get(top)
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            continue
+        path = Path(origin).resolve()
+        root = path.parent.parent if path.name == "__init__.py" else path.parent
+        if any(root == s or s in root.parents for s in system):
+            continue
+        if str(root) not in roots:
+            roots.append(str(root))
+    return roots
 
 
 def is_plugin_section(key: str, value: Any) -> bool:

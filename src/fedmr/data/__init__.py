@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, did_you_mean
 
 
 @dataclass
@@ -68,10 +68,51 @@ class DataSet:
                        self.normalization)
 
 
+def check_trainable(data: DataSet) -> list[str]:
+    """Refuse data on which a run cannot mean anything (an empty training or test set, samples of
+    two shapes, fewer than two classes to train on); return warnings for label slips that still
+    allow a run (classes with no training samples: one-based labels leave class 0 empty, and a
+    class seen only in the test set can never be predicted)."""
+    where = f"data set '{data.name}'"
+    if not len(data.train_y):
+        raise DataError(f"{where}: the training set holds no samples")
+    if not len(data.test_y):
+        raise DataError(f"{where}: the test set holds no samples; a run evaluates the global model on it")
+    if data.train_x.shape[1:] != data.test_x.shape[1:]:
+        raise DataError(f"{where}: train and test samples differ in shape: {tuple(data.train_x.shape[1:])} vs "
+                        f"{tuple(data.test_x.shape[1:])}")
+    train = torch.bincount(data.train_y.cpu(), minlength=data.num_classes)[: data.num_classes]
+    test = torch.bincount(data.test_y.cpu(), minlength=data.num_classes)[: data.num_classes]
+    present = int((train > 0).sum())
+    if present < 2:
+        raise DataError(f"{where}: the training set holds only {present} class; a classifier needs at least two")
+    warnings = []
+    empty = [c for c in range(data.num_classes) if train[c] == 0]
+    test_only = [c for c in empty if test[c] > 0]
+    unused = [c for c in empty if test[c] == 0]
+    if unused:
+        hint = " (are the labels one-based? they must be 0..C-1)" if unused[0] == 0 else ""
+        warnings.append(f"{where}: {_classes(unused, data)} no samples at all, though the labels run to "
+                        f"{data.num_classes - 1}{hint}; the model still has {data.num_classes} outputs")
+    if test_only:
+        count = int(test[test_only].sum())
+        warnings.append(f"{where}: {_classes(test_only, data)} samples in the test set only ({count} test "
+                        f"sample{'s' if count != 1 else ''}): no client can learn {'it' if len(test_only) == 1 else 'them'}")
+    return warnings
+
+
+def _classes(indices: list[int], data: DataSet) -> str:
+    names = [str(data.classes[c]) if c < len(data.classes) else str(c) for c in indices]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return f"class {shown} has" if len(names) == 1 else f"classes {shown} have"
+
+
 def as_images(x: torch.Tensor) -> torch.Tensor:
     """float32 in channels_last memory: max-pool and convolutions run several times faster so on CPU."""
     return x.float().contiguous(memory_format=torch.channels_last)
 
+
+IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays from Python
 
 Loader = Callable[[Mapping[str, Any]], DataSet]
 DATASETS: dict[str, Loader] = {}
@@ -89,14 +130,22 @@ def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
     """Load the data set a config names (``dataset``, ``data_dir``, ``normalization``), a built-in
     one or a user loader named by import string."""
     name = cfg["dataset"]
+    check_dataset_name(name)
+    if name == IN_MEMORY:
+        raise ConfigError(f"dataset = \"{IN_MEMORY}\": this run's data came as arrays from Python; pass them "
+                          f"again, fedmr.run(..., data=(train_x, train_y, test_x, test_y))")
     if ":" in name:
         from ..plugins import load_user_dataset
 
-        return load_user_dataset(name)
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))}, or name your own "
-                          f"loader as 'package.module:loader')")
+        return load_user_dataset(name, cfg=cfg)
     return DATASETS[name](cfg)
+
+
+def check_dataset_name(name: str) -> None:
+    """A built-in data set's name or an import string (which the plug-in checks resolve)."""
+    if ":" not in name and name not in DATASETS and name != IN_MEMORY:
+        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))}, or name your own "
+                          f"loader as 'package.module:loader'){did_you_mean(name, DATASETS)}")
 
 
 from . import digits  # noqa: E402,F401  (registers the embedded data set)

@@ -8,7 +8,8 @@ these functions; nothing here knows about argparse.
     <out>/config.toml      the base config
     <out>/compare.json     {"algorithms": [the variant specs]}
     <out>/<variant>/       one run folder per variant ("fedmr@first_stage_rounds=50" -> fedmr_first_stage_rounds-50)
-    <out>/comparison.md, comparison.json, accuracy.png
+    <out>/comparison.md, comparison.json, accuracy.png (every variant's curve; each variant's folder
+                           also holds its own)
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from typing import Any
 from ..config import load_config, merge, parse_value, to_toml, validate
 from ..data import DataSet
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, check_writable_folder
 from ..partition import format_summary
-from ..results import comparison_table, plot_curves, read_metrics
+from ..results import comparison_table, read_metrics, setting_title, write_plot
 from .checkpoint import RESUMABLE_CHANGES
 from .simulator import Simulation, prepare, stop_on_signals
 
@@ -142,6 +143,8 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
                           f"resume it with: fedmr compare --resume {shlex.quote(str(out))}")
     if out is not None and not resume and (out / "config.toml").exists():
         raise ConfigError(f"output folder {out} already holds a run; choose another --out")
+    if out is not None:
+        check_writable_folder(out)
     exp = prepare(cfg, data, model)
     if progress != "none":
         print(format_summary(exp.partition_summary), file=sys.stderr)
@@ -170,9 +173,8 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
             return outcome
         outcome.summaries[spec], outcome.rows[spec] = result.summary, result.rows
     if out is not None:
-        where = f"Dirichlet alpha={cfg['alpha']}" if cfg["partition"] == "dirichlet" else cfg["partition"]
-        title = f"{exp.data.name}, {cfg['num_clients']} clients, {where}, seed {cfg['seed']}"
+        title = f"{setting_title(cfg, exp.model_name, exp.data.name)}, seed {cfg['seed']}"
         atomic_write_text(out / "comparison.md", f"# {title}\n\n" + comparison_table(outcome.summaries))
         atomic_write_text(out / "comparison.json", json.dumps(outcome.summaries, indent=1))
-        plot_curves(outcome.rows, out / "accuracy.png", title)
+        write_plot(outcome.rows, out / "accuracy.png", title)  # drawn as each run's own accuracy.png
     return outcome

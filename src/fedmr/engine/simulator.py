@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
 from ..algorithms.base import Algorithm
-from ..data import DataSet, load_dataset
+from ..data import DataSet, check_trainable, load_dataset
 from ..config import load_config
 from ..errors import CheckpointError, ConfigError
+from ..fileio import check_writable_folder
 from ..maths import State
 from ..plugins import check_model_output, model_builder
 from ..partition import Partition, config_json, format_summary, make_partition, summarize
@@ -96,6 +97,8 @@ def prepare(cfg: dict[str, Any], data: DataSet | None = None, model: Any = None)
     ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``."""
     device = resolve_device(cfg["device"])
     data = data if data is not None else load_dataset(cfg)
+    for warning in check_trainable(data):
+        log.warning("%s", warning)
     labels = data.train_y.cpu().numpy()
     partition = make_partition(cfg, labels, data.natural_partition)
     summary = summarize(partition, labels, data.num_classes)
@@ -253,6 +256,14 @@ def stop_on_signals(simulation: Simulation) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def check_output_folder(out_dir: str | Path, resume: bool) -> None:
+    """Before any data is loaded: the folder can be written, and holds no run unless resumed."""
+    out = Path(out_dir)
+    if not resume and (out / "metrics.csv").exists():
+        raise ConfigError(f"output folder {out} already holds a run; choose another --out or --resume it")
+    check_writable_folder(out)
+
+
 def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> dict[str, Any]:
     """The config of the run in ``folder`` (its config.toml) with ``assignments`` applied: what
     ``fedmr run --resume`` continues.  Only the keys in ``RESUMABLE_CHANGES`` may differ from the
@@ -271,6 +282,8 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, progr
     ``progress`` is "none", the first SIGINT/SIGTERM stops it after a checkpoint (``stopped_after``,
     ``stop_signal``).  ``resume`` continues the run in ``out_dir``; ``data`` replaces the config's
     data set; ``on_row`` callables get each metrics row."""
+    if out_dir is not None:
+        check_output_folder(out_dir, resume)
     exp = prepare(cfg, data)
     if progress != "none":
         print(format_summary(exp.partition_summary), file=sys.stderr)
