@@ -304,7 +304,11 @@ def test_strategy_refuses_failed_malformed_and_unsound_replies_and_keeps_the_slo
     results, refused, missing = strategy.accepted(0, replies)
     assert [r.slot for r in results] == [2] and refused == 5 and missing == 0
     strategy.aggregate_train(1, [good(0, 1.0)])
-    assert strategy.last_round == {"clients": 1, "rejected": 0, "dropped": 3, "train_loss": 0.5}
+    counts = {k: v for k, v in strategy.last_round.items() if not k.endswith("_mb")}
+    assert counts == {"clients": 1, "rejected": 0, "dropped": 3, "train_loss": 0.5}
+    # received: the arrays of every reply that came back, sound or not (the crashed and the empty
+    # one carry none): 5 models of 16 bytes
+    assert strategy.last_round["up_mb"] == pytest.approx(5 * 16 / 2**20)
     pool = algorithm.server_state()["pool.w"]
     assert torch.equal(pool[0], torch.ones(2, 2)) and torch.equal(pool[1], torch.zeros(2, 2))
 

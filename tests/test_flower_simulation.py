@@ -93,6 +93,8 @@ def assert_matches_simulator(out, reference) -> None:
         assert float(ours["loss"]) == pytest.approx(theirs["loss"], rel=1e-4)
         assert int(ours["clients"]) == theirs["clients"] == 4
         assert float(ours["pool_cosine"]) == pytest.approx(theirs["pool_cosine"], abs=1e-6)
+        for key in ("down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb"):  # the arrays sent
+            assert float(ours[key]) == pytest.approx(theirs[key], rel=1e-9), key
 
 
 def test_fedmr_sends_different_models_and_matches_the_simulator(simulation, simulator_fedmr):

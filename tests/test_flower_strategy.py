@@ -126,7 +126,11 @@ def test_failed_malformed_and_unweighted_replies_keep_their_slots(caplog):
     strategy = FedIndep()
     with caplog.at_level(logging.WARNING, logger="fedmr.flower"):
         result = strategy.start(grid, initial(), num_rounds=2)
-    assert strategy.last_round == {"clients": 0, "rejected": 3, "dropped": 0} and strategy.rejected == 3
+    counts = {k: v for k, v in strategy.last_round.items() if not k.endswith("_mb")}
+    assert counts == {"clients": 0, "rejected": 3, "dropped": 0} and strategy.rejected == 3
+    # traffic, from the arrays of the messages: 3 models of 9 floats down; up, the 2 replies that came back
+    assert strategy.last_round["down_mb"] == pytest.approx(3 * 36 / 2**20)
+    assert strategy.last_round["up_mb"] == pytest.approx(2 * 36 / 2**20)
     lines = [r.getMessage() for r in caplog.records]
     assert any('node 2: its MetricRecord has no "num-examples"' in line for line in lines), lines
     assert any("node 1: the ClientApp failed" in line for line in lines)

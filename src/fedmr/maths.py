@@ -162,6 +162,18 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def tensors_nbytes(value: object) -> int:
+    """Bytes of every tensor in ``value``: a tensor, or dicts, lists and tuples of them (anything
+    else, numbers and strings, counts 0): what a model state or a payload puts on the wire."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(tensors_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensors_nbytes(v) for v in value)
+    return 0
+
+
 
 class RunningMean:
     """Weighted mean of states folded in one at a time: memory of one state, not K."""

@@ -28,7 +28,8 @@ from .fileio import atomic_write, atomic_write_text
 log = logging.getLogger("fedmr")
 
 METRIC_COLUMNS = [
-    "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb", "elapsed_s",
+    "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb",
+    "down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb", "elapsed_s",
 ]
 LAST_N = 5  # summary.json's mean_last5_accuracy: over the last LAST_N evaluations (all, if fewer)
 MARKER_POINTS = 30  # a curve with at most this many evaluations is drawn with a marker at each

@@ -159,6 +159,10 @@ class Algorithm(abc.ABC):
     # (engine/vectorized.py).  A class whose own ``local_update`` differs declares False; one that
     # overrides it without declaring True again is treated as False.
     batched_local_step: ClassVar[bool] = True
+    # Payload entries of a task that are the client's own state (MOON's previous model, SCAFFOLD's
+    # c_i): fedmr's clients are stateless, so the server keeps them and sends them down with the
+    # task; the traffic counts report their share of the downlink apart (engine/traffic.py).
+    client_held: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

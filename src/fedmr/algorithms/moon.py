@@ -83,6 +83,7 @@ class Moon(FedAvg):
     reference = "Li, He and Song, Model-Contrastive Federated Learning, CVPR 2021"
     Options = MoonOptions
     batched_local_step = False  # its own local step (see local_update)
+    client_held = ("previous",)  # the client's previous model, kept by the server for stateless clients
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

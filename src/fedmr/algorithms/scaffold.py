@@ -66,6 +66,7 @@ class Scaffold(FedAvg):
                  "ICML 2020")
     Options = ScaffoldOptions
     batched_local_step = False  # its own local step (see local_update)
+    client_held = ("c_i",)  # the client's own variate, kept by the server for stateless clients
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:

@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class Checkpoint:
     path: Path
     fingerprint: dict[str, Any]
     generators: dict[str, Any]
+    counters: dict[str, float] = field(default_factory=dict)  # running totals (e.g. MB exchanged); {} before they existed
 
     def restore_generators(self) -> None:
         """Put torch's, numpy's and Python's global generators back where the saved run had them."""
@@ -158,9 +159,10 @@ def _generator_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def save_checkpoint(
     run_dir: str | Path, rounds_done: int, server_state: Mapping[str, torch.Tensor], rows: Sequence[Mapping[str, Any]],
-    elapsed_s: float, run_fingerprint: Mapping[str, Any], keep: int = KEEP,
+    elapsed_s: float, run_fingerprint: Mapping[str, Any], keep: int = KEEP, counters: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write the checkpoint after ``rounds_done`` rounds; drop all but the newest ``keep``."""
+    """Write the checkpoint after ``rounds_done`` rounds; drop all but the newest ``keep``.
+    ``counters``: running totals the run keeps between evaluations (the MB exchanged so far)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"round-{rounds_done:06d}"
@@ -173,6 +175,7 @@ def save_checkpoint(
         "state_keys": list(server_state),
         "rows": [dict(r) for r in rows], "elapsed_s": elapsed_s, "generators": gen_meta,
         "fingerprint": dict(run_fingerprint),
+        **({"counters": {k: float(v) for k, v in counters.items()}} if counters else {}),
     }
     body = json.loads(json.dumps(body, default=_plain))  # numpy scalars -> numbers; hashed as read back
     manifest = directory / f"{stem}.json"
@@ -249,8 +252,12 @@ def read_checkpoint(manifest: Path, device: str | torch.device = "cpu") -> Check
         raise CheckpointError(f"{tensor_file} does not hold the tensors its manifest lists")
     state = {k: tensors[_STATE_PREFIX + k].to(device) for k in order}
     saved_fingerprint = body.get("fingerprint")
+    counters = body.get("counters", {})
+    if not isinstance(counters, dict) or not all(isinstance(v, (int, float)) for v in counters.values()):
+        raise CheckpointError(f"{manifest} has malformed counters")
     return Checkpoint(rounds_done, state, rows, elapsed, manifest,
-                      saved_fingerprint if isinstance(saved_fingerprint, dict) else {}, generators)
+                      saved_fingerprint if isinstance(saved_fingerprint, dict) else {}, generators,
+                      {str(k): float(v) for k, v in counters.items()})
 
 
 def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | None = None,
@@ -284,18 +291,18 @@ def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | 
 
 
 def resume_from_checkpoint(run_dir: str | Path, algorithm: Any, run_fingerprint: Mapping[str, Any], rounds: int,
-                           device: str | torch.device = "cpu") -> tuple[int, list[dict[str, Any]], float]:
+                           device: str | torch.device = "cpu") -> tuple[int, list[dict[str, Any]], float, dict[str, float]]:
     """Load the newest usable checkpoint of ``run_dir`` into ``algorithm`` (and the global generators):
-    (rounds done, metrics rows so far, seconds they took); (0, [], 0.0) for a run killed before its
-    first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
+    (rounds done, metrics rows so far, seconds they took, running counters); (0, [], 0.0, {}) for a
+    run killed before its first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
     ckpt = latest_checkpoint(run_dir, run_fingerprint, device)
     if ckpt is None:
         log.warning("no checkpoint in %s yet: starting from round 1", run_dir)
-        return 0, [], 0.0
+        return 0, [], 0.0, {}
     if ckpt.rounds_done > rounds:
         raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
                               f"{rounds}; resume with --set rounds={ckpt.rounds_done} or more")
     algorithm.load_server_state(ckpt.server_state)
     ckpt.restore_generators()
     log.info("resuming %s after round %d from %s", run_dir, ckpt.rounds_done, ckpt.path.name)
-    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s
+    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s, dict(ckpt.counters)

@@ -46,8 +46,11 @@ class Recorder:
     * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, then the round's ``clients``,
       ``rejected``, ``dropped`` and ``train_loss`` as the front end counted them, then the
       algorithm's ``round_metrics()``: ``pool_cosine``, empty when the algorithm keeps no pool, and
-      ``client_state_mb``, 0 when it keeps nothing per client, then ``elapsed_s`` since the run
-      began, resumed runs included).
+      ``client_state_mb``, 0 when it keeps nothing per client, then the round's traffic as the
+      front end measured it (``down_mb``, ``up_mb``, ``down_client_state_mb``: see
+      ``engine/traffic.py``) and the run's totals so far (``down_total_mb``, ``up_total_mb``,
+      summed over every round, evaluated or not, and kept in checkpoints), then ``elapsed_s``
+      since the run began, resumed runs included).
     * Checkpoints: after every ``checkpoint_every``-th round (0: at every evaluation), after the
       last one, and whenever the front end asks (``force``: a stop signal).
     * The end: ``model.safetensors`` (the global model), ``summary.json``, then ``accuracy.png``
@@ -85,6 +88,7 @@ class Recorder:
         self.checkpoint_every = cfg["checkpoint_every"] or self.every
         self.rows: list[Row] = []
         self.fingerprint: dict[str, Any] | None = None
+        self.totals = {"down_total_mb": 0.0, "up_total_mb": 0.0}  # MB exchanged so far, every round counted
         self._start = time.perf_counter()
 
     # ---- the beginning ---------------------------------------------------------------------
@@ -100,8 +104,9 @@ class Recorder:
                       if self.cfg["dataset"] == IN_MEMORY else None)  # nothing else names such data
             self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state, arrays)
             if resume:
-                done, self.rows, elapsed = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint,
-                                                                  self.rounds, self.exp.device)
+                done, self.rows, elapsed, counters = resume_from_checkpoint(
+                    self.writer.dir, self.algorithm, self.fingerprint, self.rounds, self.exp.device)
+                self.totals.update({k: v for k, v in counters.items() if k in self.totals})
             write_run_header(self.writer, self.cfg, self.exp)
         self._start = time.perf_counter() - elapsed
         return done
@@ -128,7 +133,10 @@ class Recorder:
         return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
 
     def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
-        """After round ``done`` (1-based, whole run): evaluate when due and write the row; the row or None."""
+        """After round ``done`` (1-based, whole run): add its traffic to the totals, evaluate when due
+        and write the row; the row or None.  Called once per round."""
+        self.totals["down_total_mb"] += float(round_stats.get("down_mb") or 0.0)
+        self.totals["up_total_mb"] += float(round_stats.get("up_mb") or 0.0)
         if not self.evaluation_due(done):
             return None
         extra = dict(extra or {})
@@ -137,7 +145,7 @@ class Recorder:
             raise ValueError(f"metric '{unknown[0]}' is not among the recorder's extra_columns {self.extra_columns}")
         acc, loss = self.evaluate()
         row: Row = {"round": done, "accuracy": acc, "loss": loss, **round_stats,
-                    "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(),
+                    "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(), **self.totals,
                     **{c: extra.get(c) for c in self.extra_columns}, "elapsed_s": self.elapsed()}
         self.rows.append(row)
         if self.writer is not None:
@@ -151,7 +159,8 @@ class Recorder:
         if not self.checkpoint_due(done, force):
             return False
         assert self.writer is not None and self.fingerprint is not None, "start() first"
-        save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint)
+        save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint,
+                        counters=self.totals)
         return True
 
     def end_round(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None,

@@ -39,6 +39,7 @@ from ..training import LocalSettings, clone_state
 from .client import ClientData
 from .recorder import Recorder, RowCallback
 from .runner import make_runner
+from .traffic import Traffic, result_bytes
 from .validation import update_problem
 
 log = logging.getLogger("fedmr")
@@ -166,6 +167,7 @@ class Simulation:
         limit = float(self.cfg["max_update_norm"])
         for result in results:
             counts["delivered"] += 1
+            counts["up"] += result_bytes(result)  # received, whether or not it passes validation
             problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
             if problem is not None:
                 log.warning("round %d: rejected the update of client %d: %s", counts["round"] + 1, result.client_id, problem)
@@ -180,13 +182,15 @@ class Simulation:
         tasks = self.algorithm.configure_train(round_idx, clients)
         lost = dropped_clients(seed, round_idx, clients, self.cfg["dropout_rate"])
         live = [task for task in tasks if task.client_id not in lost]
-        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "delivered": 0, "losses": []}
+        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "delivered": 0, "losses": [], "up": 0}
+        traffic = Traffic.of_tasks(tasks, self.algorithm.client_held)  # sent to every selected client
         results = self._validated(self.runner.run(round_idx, live), tasks, counts)
         used = self.algorithm.aggregate_train(round_idx, results, torch_generator(seed, "server", round_idx))
         losses = counts["losses"]
+        traffic.up = counts["up"]
         # dropped: selected but nothing came back (dropout_rate, or a straggler past client_timeout)
         return {"clients": used, "rejected": counts["rejected"], "dropped": len(tasks) - counts["delivered"],
-                "train_loss": sum(losses) / len(losses) if losses else float("nan")}
+                "train_loss": sum(losses) / len(losses) if losses else float("nan"), **traffic.stats()}
 
     def evaluate(self) -> tuple[float, float]:
         return self.recorder.evaluate()

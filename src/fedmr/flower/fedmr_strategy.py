@@ -38,8 +38,10 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..algorithms.base import Federation, TrainResult
 from ..algorithms.fedindep import FedIndep as FedIndepAlgorithm
 from ..algorithms.fedmr import FedMR as FedMRAlgorithm
+from ..engine.traffic import Traffic
 from ..engine.validation import update_problem
 from ..maths import State
+from .task import message_array_bytes
 
 log = logging.getLogger("fedmr.flower")
 
@@ -83,7 +85,8 @@ class FedIndep(FedAvg):
         self.algorithm: FedIndepAlgorithm | None = None
         self.reference: State = {}
         self.slot_of: dict[int, int] = {}  # node id -> pool slot, this round
-        self.last_round: dict[str, int] = {}
+        self.last_round: dict[str, float] = {}  # the last round's counts and MB down/up (engine/traffic.py)
+        self.traffic = Traffic()
         self.rejected = self.dropped = 0  # over the whole run
 
     # ---- the run ----------------------------------------------------------------------
@@ -120,10 +123,12 @@ class FedIndep(FedAvg):
         config["server-round"] = server_round
         tasks = self.algorithm.configure_train(server_round - 1, list(range(k)))
         self.slot_of = {node: task.slot for node, task in zip(node_ids, tasks)}
-        return [Message(RecordDict({self.arrayrecord_key: ArrayRecord({k: v.detach().cpu() for k, v in task.state.items()}),
-                                    self.configrecord_key: ConfigRecord(dict(config))}),
-                        dst_node_id=node, message_type=MessageType.TRAIN)
-                for node, task in zip(node_ids, tasks)]
+        messages = [Message(RecordDict({self.arrayrecord_key: ArrayRecord({k: v.detach().cpu() for k, v in task.state.items()}),
+                                        self.configrecord_key: ConfigRecord(dict(config))}),
+                            dst_node_id=node, message_type=MessageType.TRAIN)
+                    for node, task in zip(node_ids, tasks)]
+        self.traffic = Traffic(sum(message_array_bytes(m.content) for m in messages))
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -133,6 +138,8 @@ class FedIndep(FedAvg):
         used: list[RecordDict] = []
         rejected = 0
         for reply in replies:
+            if not reply.has_error():  # received, whether or not it passes the checks
+                self.traffic.up += message_array_bytes(reply.content)
             node = reply.metadata.src_node_id
             slot = self.slot_of.get(node)
             problem, state, weight = reply_problem(reply, self.weighted_by_key)
@@ -152,7 +159,8 @@ class FedIndep(FedAvg):
         if dropped > 0:
             log.warning("round %d: %d of %d nodes did not reply in time; their slots keep their models",
                         server_round, dropped, len(self.slot_of))
-        self.last_round = {"clients": len(results), "rejected": rejected, "dropped": max(dropped, 0)}
+        self.last_round = {"clients": len(results), "rejected": rejected, "dropped": max(dropped, 0),
+                           **self.traffic.stats()}
         self.rejected += rejected
         self.dropped += max(dropped, 0)
         generator = torch.Generator().manual_seed(random.getrandbits(63))  # seed Python's random to repeat a run

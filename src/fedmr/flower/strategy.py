@@ -30,12 +30,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
+from ..engine.traffic import Traffic, held_bytes
 from ..engine.validation import update_problem
 from ..errors import ConfigError, DataError
 from ..maths import State
 from ..seeding import numpy_rng, torch_generator
 from .sites import check_sites, client_error
-from .task import decode_result, encode_task
+from .task import decode_result, encode_task, message_array_bytes
 
 log = logging.getLogger("fedmr.flower")
 
@@ -111,6 +112,7 @@ class AlgorithmStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.tasks: list[TrainTask] = []
         self.sent: list[Message] = []  # the last round's train messages (tests inspect them)
+        self.traffic = Traffic()  # the last round's bytes sent and received
         self.last_round: dict[str, Any] = {}
         self.fraction_evaluate = fraction_evaluate
         self.evaluation_due = evaluation_due  # rounds done (whole run) -> evaluate now? (the Recorder's)
@@ -151,6 +153,9 @@ class AlgorithmStrategy(Strategy):
         self.tasks = self.algorithm.configure_train(round_idx, clients)
         self.sent = [Message(encode_task(task, round_idx), dst_node_id=self.node_of[task.client_id],
                              message_type=MessageType.TRAIN) for task in self.tasks]
+        held = self.algorithm.client_held  # the client's own state in the payload (engine/traffic.py)
+        self.traffic = Traffic(sum(message_array_bytes(m.content) for m in self.sent), 0,
+                               sum(held_bytes(t, held) for t in self.tasks))
         if self.message_log is not None:
             with self.message_log.open("a") as fh:
                 for task, msg in zip(self.tasks, self.sent):
@@ -164,6 +169,8 @@ class AlgorithmStrategy(Strategy):
         by_slot: dict[int, TrainResult] = {}
         refused = 0
         for reply in replies:
+            if not reply.has_error():  # received, whether or not it passes the checks
+                self.traffic.up += message_array_bytes(reply.content)
             problem, result = self._check(reply)
             if problem is None and result.slot in by_slot:
                 problem = f"a second result for slot {result.slot}"
@@ -198,7 +205,7 @@ class AlgorithmStrategy(Strategy):
         losses = [r.train_loss for r in results]
         used = self.algorithm.aggregate_train(round_idx, iter(results), torch_generator(self.seed, "server", round_idx))
         self.last_round = {"clients": used, "rejected": refused, "dropped": missing,
-                           "train_loss": sum(losses) / len(losses) if losses else float("nan")}
+                           "train_loss": sum(losses) / len(losses) if losses else float("nan"), **self.traffic.stats()}
         metrics = MetricRecord({"clients": used, "rejected": refused})
         if losses:
             metrics["train_loss"] = self.last_round["train_loss"]

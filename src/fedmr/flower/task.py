@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -106,6 +107,17 @@ def hosts(partition_id: int, num_partitions: int, client_id: int) -> bool:
 # numbers and strings in "payload.scalars".  A reply holds "model", "result" and the payload.
 
 _SCALARS = (bool, int, float, str)
+
+
+def message_array_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (elements times item size, without Flower's
+    serialisation headers): the simulator's count of the same tensors (engine/traffic.py)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            for array in record.values():
+                total += int(np.prod(array.shape, dtype=np.int64)) * np.dtype(array.dtype).itemsize
+    return total
 
 
 def _array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
