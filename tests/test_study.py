@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import textwrap
 from pathlib import Path
@@ -223,3 +224,35 @@ def test_which_config_differences_count_when_matching_a_finished_run():
         "'fedmr.first_stage_rounds' was 50, now 0"
     assert difference({**cell, "client_timeout": 30.0}, cell) == "'client_timeout' was 30.0, now 0.0"  # can drop clients
     assert difference({**cell, "algorithm": "fedavg"}, cell) == "'algorithm' was 'fedavg', now 'fedmr'"
+
+
+def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, reference, monkeypatch, capsys, caplog):
+    """`study park` keeps the newest checkpoint of an unfinished cell in its folder (committed); a
+    fresh checkout without checkpoints/ (another machine) resumes from it, to the uninterrupted
+    run's numbers; once the cell is finished, `park` removes it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _study(first)
+    monkeypatch.chdir(first)
+    started = first / "out" / "study" / CELLS[1]
+    settings = [s for s in FEDMR_CELL if not s.startswith("rounds=")] + ["rounds=2"]
+    assert main(["run", "--quiet", "--out", str(started), *[a for s in settings for a in ("--set", s)]]) == 0
+    (started / "summary.json").unlink()  # as a cell stopped at its checkpoint leaves it
+    assert main(["study", "park", "study.toml"]) == 0
+    assert f"{CELLS[1]}: parked at round 2" in capsys.readouterr().out
+    parked = started / "parked"
+    assert sorted(p.name for p in parked.iterdir()) == ["README.md", "metrics.csv", "round-000002.json",
+                                                        "round-000002.safetensors"]
+    assert [line.split(",")[0] for line in (parked / "metrics.csv").read_text().splitlines()] == ["round", "2"]
+    # what a commit carries to the next machine: everything but checkpoints/ (git ignores it)
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints"))
+    monkeypatch.chdir(second)
+    caplog.set_level(logging.INFO, logger="fedmr")
+    assert main(["study", "run", "study.toml", "--quiet", "--only", f"name={CELLS[1]}"]) == 0
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert len(resumed) == 1 and "after round 2" in resumed[0], resumed
+    cell = second / "out" / "study" / CELLS[1]
+    assert _comparable(cell) == _comparable(reference)
+    capsys.readouterr()
+    assert main(["study", "park", "study.toml"]) == 0
+    assert f"{CELLS[1]}: finished: parked checkpoint removed" in capsys.readouterr().out
+    assert not (cell / "parked").exists()

@@ -28,6 +28,9 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--quiet", action="store_true", help="with one job: log lines instead of a progress bar")
     report = sub.add_parser("report", help="rebuild the study's results page from its run folders")
     report.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
+    park = sub.add_parser("park", help="keep each unfinished cell's newest checkpoint in its folder's parked/ (to "
+                                       "commit, so another machine resumes it); remove it from finished cells")
+    park.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
 
 
 def _matches(status: Any, key: str, value: Any) -> bool:
@@ -141,5 +144,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_park(args: argparse.Namespace) -> int:
+    from .index import resolve
+    from .parking import park
+    from .spec import load_study
+
+    study = load_study(args.file)
+    for status in resolve(study):
+        if status.folder.parent != study.output:  # a reused run elsewhere: finished, nothing of ours to park
+            continue
+        done = park(status.folder, status.finished)
+        if done:
+            print(f"{status.cell.name}: {done}")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
-    return cmd_run(args) if args.study_command == "run" else cmd_report(args)
+    return {"run": cmd_run, "report": cmd_report, "park": cmd_park}[args.study_command](args)

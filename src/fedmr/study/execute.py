@@ -45,7 +45,10 @@ def run_cell(cfg: dict[str, Any], folder: Path, progress: str = "none", label: s
     from ..engine import Simulation, prepare
     from ..engine.simulator import stop_on_signals
 
+    from .parking import unpark
+
     start = time.perf_counter()
+    unpark(folder)  # a checkpoint parked by another sitting (another machine) resumes here
     simulation = Simulation(prepare(cfg), out_dir=folder, progress=progress, label=label or folder.name,
                             resume=(folder / "config.toml").is_file())
     with stop_on_signals(simulation) if handle_signals else contextlib.nullcontext():

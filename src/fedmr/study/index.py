@@ -54,11 +54,10 @@ def _config(folder: Path) -> dict[str, Any] | None:
 
 
 def checkpoint_round(folder: Path) -> int:
-    """The newest checkpoint's round (0 if none): what a resumed cell starts from."""
-    directory = folder / "checkpoints"
-    if not directory.is_dir():
-        return 0
-    return max((int(m.group(1)) for p in directory.iterdir() if (m := _MANIFEST.match(p.name))), default=0)
+    """The newest checkpoint's round, local or parked (0 if none): what a resumed cell starts from."""
+    rounds = [int(m.group(1)) for name in ("checkpoints", "parked") if (folder / name).is_dir()
+              for p in (folder / name).iterdir() if (m := _MANIFEST.match(p.name))]
+    return max(rounds, default=0)
 
 
 class RunFinder:
