@@ -202,6 +202,16 @@ LOADERS = textwrap.dedent("""
 
     def needs_count(count):
         raise AssertionError("never called")
+
+    def empty_test():
+        x, y = np.zeros((20, 4), "float32"), np.arange(20) % 2
+        return x, y, x[:0], y[:0]
+
+    def one_based():
+        rng = np.random.default_rng(0)
+        y = rng.integers(1, 4, 60)
+        x = (rng.normal(size=(60, 6)) + y[:, None]).astype("float32")
+        return x, y, x[:20], y[:20]
 """)
 
 
@@ -287,3 +297,22 @@ def test_no_prefix_when_the_run_names_no_plugins(tmp_path):
 
     cfg = load_config(None, [])
     assert resume_command("run", tmp_path / "r", cfg) == f"fedmr run --resume {tmp_path / 'r'}"
+
+
+def test_the_cli_refuses_an_empty_test_set_and_warns_of_one_based_labels(loader_module, tmp_path, capsys):
+    name, _ = loader_module
+    out = tmp_path / "r"
+    assert main(["run", "--quiet", "--out", str(out), *SMALL, "--set", f"dataset=\"{name}:empty_test\""]) == 2
+    assert "the test set holds no samples" in one_error_line(capsys)
+    assert not out.exists()
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("fedmr").addHandler(handler)
+    try:
+        assert main(["run", "--quiet", "--out", str(out), *SMALL, "--set", f"dataset=\"{name}:one_based\""]) == 0
+    finally:
+        logging.getLogger("fedmr").removeHandler(handler)
+    assert any("class 0 has no samples at all" in r and "one-based" in r for r in records), records
