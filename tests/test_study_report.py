@@ -120,3 +120,182 @@ def test_the_page_compares_each_contrast_with_the_strongest_other_method():
     # at IID only fedavg is finished: it is the strongest by default, and the count says so
     assert next(line for line in page.splitlines() if line.startswith("| fedmr | IID | ")).startswith("| fedmr | IID | fedavg |")
     assert "fedmr** against the strongest other method: alpha 0.5: " + strongest in page
+
+
+# ---- probe runs of the traffic, and long cells parked between sittings ----------------------------------
+EXTRA = """
+[[grid]]
+priority = 3
+section = "communication"
+title = "Communication per round (probe runs)"
+algorithm = ["fedavg", "fedmr", "scaffold", "fedprox", "fedmr@first_stage_rounds=4", "moon"]
+alpha = [0.5]
+seed = [1]
+local_epochs = [1]
+rounds = [4]
+
+[[grid]]
+priority = 4
+section = "resnet20"
+title = "ResNet-20 (alpha 0.5, seed 1)"
+algorithm = ["fedavg", "fedmr@first_stage_rounds=50", "fedmr", "scaffold", "moon"]
+model = ["resnet20"]
+alpha = [0.5]
+seed = [1]
+rounds = [300]
+eval_every = [50]
+"""
+LONG = "resnet20-alpha0.5-seed1-eval_every-50-rounds-300"  # the ResNet-20 cells' names, less the variant
+
+
+def _traffic(rounds_mb: list[tuple[int, float, float, float]]) -> list[dict[str, float]]:
+    """Rows (round, down MB, up MB, client-state MB of down) with the cumulative totals of every round
+    (each round's traffic taken as the next evaluated one's)."""
+    rows, down, up, last = [], 0.0, 0.0, 0
+    for r, d, u, c in rounds_mb:
+        down, up, last = down + d * (r - last), up + u * (r - last), r
+        rows.append({"round": r, "accuracy": 0.1, "down_mb": d, "up_mb": u, "down_client_state_mb": c,
+                     "down_total_mb": down, "up_total_mb": up})
+    return rows
+
+
+def _accuracy(rows: list[tuple[int, float]]) -> list[dict[str, float]]:
+    return [{"round": r, "accuracy": a} for r, a in rows]
+
+
+def _cell(folder: Path, cfg: dict, rows: list[dict[str, float]] | None, columns: list[str] | None = None) -> None:
+    """A finished run folder (rows), or, with rows None, a started one without results."""
+    from fedmr.config import to_toml
+    from fedmr.results import METRIC_COLUMNS, RunWriter
+
+    writer = RunWriter(folder, resume=True)
+    writer.write_config(cfg)
+    if rows is not None:
+        writer.write_metrics(rows, columns or METRIC_COLUMNS)
+        writer.write_summary({"rounds": cfg["rounds"], "wall_seconds": 1.0 * cfg["rounds"]})
+    assert (folder / "config.toml").read_text() == to_toml(cfg)
+
+
+def _park(folder: Path, done: int, rows: list[dict[str, float]]) -> None:
+    """What `fedmr study park` leaves: the newest checkpoint and the rows up to it."""
+    from fedmr.results import RunWriter
+
+    (folder / "parked").mkdir()
+    (folder / "parked" / f"round-{done:06d}.json").write_text("{}")
+    RunWriter(folder / "parked").write_metrics(rows)
+
+
+@pytest.fixture
+def extended(tmp_path, monkeypatch) -> Path:
+    """The fixture study with a communication section of probe runs and a ResNet-20 section whose cells are
+    finished, partial (parked) or not started."""
+    from fedmr.results import METRIC_COLUMNS
+    from fedmr.study.report import TRAFFIC
+    from fedmr.study.spec import load_study
+
+    root = _copy(tmp_path)
+    with (root / "study.toml").open("a") as fh:
+        fh.write(EXTRA)
+    monkeypatch.chdir(root)
+    study = load_study("study.toml")
+    cells = {(m.section, m.method): c for c in study.cells for m in c.memberships}
+    out = root / "results" / "study"
+
+    def cell(section: str, method: str, rows, columns=None) -> Path:
+        c = cells[(section, method)]
+        _cell(out / c.name, c.cfg, rows, columns)
+        return out / c.name
+
+    same = _traffic([(2, 1.0, 1.0, 0.0), (4, 1.0, 1.0, 0.0)])
+    cell("communication", "fedavg", same)
+    cell("communication", "fedmr", same)
+    cell("communication", "scaffold", _traffic([(2, 1.5, 2.0, 0.25), (4, 2.0, 2.0, 0.5)]))
+    old = [c for c in METRIC_COLUMNS if c not in TRAFFIC]
+    cell("communication", "fedprox", same, old)  # written before the traffic columns: absent
+    cell("communication", "fedmr@first_stage_rounds=4", _accuracy([(2, 0.1), (4, 0.2)]))  # ... or empty
+    cell("resnet20", "fedavg", _accuracy([(50, 0.2), (100, 0.3), (150, 0.35), (200, 0.4), (250, 0.42), (300, 0.44)]))
+    cell("resnet20", "scaffold", _accuracy([(50, 0.1), (100, 0.2), (150, 0.3), (200, 0.3), (250, 0.35), (300, 0.38)]))
+    partial = cell("resnet20", "fedmr@first_stage_rounds=50", None)
+    _park(partial, 150, _accuracy([(50, 0.2), (100, 0.32), (150, 0.41)]))
+    # this machine ran it further: its local metrics and checkpoints are not on the page
+    (partial / "metrics.csv").write_text("round,accuracy\n" + "".join(f"{r},0.9\n" for r in range(50, 251, 50)))
+    (partial / "checkpoints").mkdir()
+    (partial / "checkpoints" / "round-000250.json").write_text("{}")
+    _park(cell("resnet20", "fedmr", None), 50, _accuracy([(50, 0.1)]))
+    return root
+
+
+def _section(page: str, title: str) -> str:
+    return page.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_communication_section_gives_each_methods_traffic_and_the_megabytes_to_an_accuracy(extended):
+    assert main(["study", "report", "study.toml"]) == 0
+    page = (extended / "results" / "README.md").read_text()
+    text = _section(page, "Communication per round (probe runs)")
+    # fixture, alpha 0.5 seed 1: fedavg first reaches 30% at round 4 and 50% at round 6 (past the probe's
+    # last round, 4: extrapolated at round 4's 1 + 1 MB); fedmr reaches 30% at round 4 and never 50%
+    assert "| fedavg | 1.00 | 1.00 | 1.00 | 1.00 | 0.00 | 1.00 | 8.0 (round 4) | ≈12.0 (round 6) |" in text
+    assert "| fedmr | 1.00 | 1.00 | 1.00 | 1.00 | 0.00 | 1.00 | 8.0 (round 4) | never |" in text
+    assert "| scaffold | 2.00 | 2.00 | 1.75 | 2.00 | 0.50 | 2.00 | main cell missing | main cell missing |" in text
+    assert "| fedprox | not recorded (a run from before the traffic columns) |" in text
+    assert "| fedmr@first_stage_rounds=4 | not recorded (a run from before the traffic columns) |" in text
+    assert "| moon | missing |" in text
+    assert "≈: the main cell reached the accuracy after the probe's last round" in text
+    assert "FedMR's traffic equals fedavg's" in text and "round 4" in text
+    # the generic table is not drawn for it, and the missing probe is listed as missing
+    assert "| setting | accuracy |" not in text
+    assert "--only name=alpha0.5-seed1-local_epochs-1-rounds-4-moon`" in _section(page, "Missing cells")
+
+
+def test_a_partial_cell_is_shown_from_its_parked_rows_never_as_finished(extended):
+    assert main(["study", "report", "study.toml"]) == 0
+    page = (extended / "results" / "README.md").read_text()
+    text = _section(page, "ResNet-20 (alpha 0.5, seed 1)")
+    assert "| method | state | mean 1-100 | mean 101-200 | mean 201-300 | round to 30% | round to 40% |" in text
+    assert "| fedavg | finished | 25.00 | 37.50 | 43.00 | 100 | 200 |" in text
+    # parked at 150: block 101-200 is not covered to its end; the local rows (0.9 up to 250) are not read
+    assert "| fedmr@first_stage_rounds=50 | partial: 150 of 300 rounds | 26.00 |  |  | 100 | 150 |" in text
+    assert "| fedmr | partial: 50 of 300 rounds |  |  |  | not yet | not yet |" in text
+    assert "| scaffold | finished | 15.00 | 30.00 | 36.50 | 150 | never |" in text
+    assert "| moon | not started |  |  |  |  |  |" in text
+    assert "| fedmr@first_stage_rounds=50 - fedavg | +1.00 |  |  |" in text
+    assert "| fedmr - fedavg |  |  |  |" in text
+    assert "![ResNet-20 (alpha 0.5, seed 1)](study/plots/resnet20.png)" in text
+    assert (extended / "results" / "study" / "plots" / "resnet20.png").is_file()
+    assert not (extended / "results" / "study" / "plots" / "communication.png").exists()
+    missing = _section(page, "Missing cells")
+    assert f"| 4 | {LONG}-fedmr_first_stage_rounds-50, partial (150 of 300 rounds parked) |" in missing
+    assert f"| 4 | {LONG}-fedmr, partial (50 of 300 rounds parked) |" in missing
+    assert f"| 4 | {LONG}-moon | `" in missing
+    assert f"{LONG}-fedmr_first" not in _section(page, "Run folders of the finished cells")
+
+
+def test_the_extended_page_is_the_same_from_any_checkout(extended):
+    """Only committed files count: without this machine's local metrics and checkpoints the page is the same."""
+    from fedmr.study.index import resolve
+    from fedmr.study.report import Page
+    from fedmr.study.spec import load_study
+
+    def render() -> str:
+        study = load_study("study.toml")
+        return Page(study, resolve(study), "study.toml", draw=False).render()
+
+    first = render()
+    assert render() == first
+    partial = extended / "results" / "study" / f"{LONG}-fedmr_first_stage_rounds-50"
+    (partial / "metrics.csv").unlink()
+    shutil.rmtree(partial / "checkpoints")
+    assert render() == first
+
+
+def test_totals_between_and_past_the_probes_rows_and_blocks_covered_to_their_end():
+    from fedmr.study.report import block_means, total_at
+
+    rows = _traffic([(10, 1.0, 2.0, 0.0), (20, 2.0, 2.0, 0.0)])
+    assert total_at(rows, 20) == (70.0, False)  # 10 rounds of 1 + 2 MB, then 10 of 2 + 2
+    assert total_at(rows, 15) == (30.0 + 5 * 3.0, True)
+    assert total_at(rows, 35) == (70.0 + 15 * 4.0, True)
+    assert total_at(rows, 5) == (5 * 3.0, True)
+    assert block_means(_accuracy([(50, 0.2), (100, 0.4), (150, 0.5)]), 250) == [pytest.approx(0.3), None, None]
+    assert block_means(_accuracy([(100, 0.2), (200, 0.4), (250, 0.5)]), 250) == [0.2, 0.4, 0.5]
