@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from test_flower_helpers import (  # noqa: E402
-    BIN, FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
+    BIN, START_TIMEOUT, FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
 )
 
 RUN = "num_clients=2 clients_per_round=2 rounds=2 local_epochs=1 eval_every=1 seed=5"
@@ -78,7 +78,7 @@ def start_federation(procs, tag, link_args):
     port = free_port()
     procs.start(f"superlink-{tag}", "flower-superlink", *link_args, "--host", "127.0.0.1", "--port", str(port),
                 "--disable-runtime-dependency-installation")
-    wait_for(lambda: "Uvicorn running" in procs.log(f"superlink-{tag}"), 60, f"the {tag} SuperLink")
+    wait_for(lambda: "Uvicorn running" in procs.log(f"superlink-{tag}"), START_TIMEOUT, f"the {tag} SuperLink")
     return port
 
 
@@ -111,7 +111,7 @@ def test_superlink_and_two_supernodes_insecure_then_tls_with_node_auth(tmp_path)
         keys = [make_node_key(tmp_path, f"node{i}") for i in range(2)]
         for _, public in keys:
             done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "tls"], env=env,
-                                  capture_output=True, text=True, timeout=60)
+                                  capture_output=True, text=True, timeout=START_TIMEOUT)
             assert done.returncode == 0, done.stdout + done.stderr
         start_nodes(procs, "tls", port, [["--root-certificates", str(tls["ca"]), "--auth-supernode-private-key",
                                           str(private)] for private, _ in keys])
@@ -190,7 +190,7 @@ def test_three_sites_each_with_only_its_own_data_dir(tmp_path):
         procs.start("superlink-sites", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                     "--disable-runtime-dependency-installation",
                     env=watched_env(env, hook, sites, tmp_path / "server.opens"))
-        wait_for(lambda: "Uvicorn running" in procs.log("superlink-sites"), 60, "the SuperLink")
+        wait_for(lambda: "Uvicorn running" in procs.log("superlink-sites"), START_TIMEOUT, "the SuperLink")
         for i in range(3):
             procs.start(f"supernode-site-{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                         "--host", "127.0.0.1", "--port", str(free_port()),
@@ -218,8 +218,9 @@ def test_three_sites_each_with_only_its_own_data_dir(tmp_path):
         # a fourth node without data-dir: the run stops with one line that says so
         procs.start("supernode-site-bare", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
                     "--host", "127.0.0.1", "--port", str(free_port()))
+        # node_wait: how long the server waits for the fourth node, just started; it stops as soon as that node answers
         text = flwr_run(env, "sites", f'{SITES_RUN.replace("num_clients=3", "num_clients=4")} '
-                                      f'flower.out="{tmp_path / "bad"}" flower.node_wait=60', check=False)
+                                      f'flower.out="{tmp_path / "bad"}" flower.node_wait={START_TIMEOUT:.0f}', check=False)
         assert "fedmr: error: node" in text and "no data-dir in its node config" in text, text[-3000:]
     finally:
         procs.stop()

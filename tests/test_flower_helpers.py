@@ -38,6 +38,10 @@ OFFLINE_ENV = {
     "PYTHONUNBUFFERED": "1",
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # a SuperNode's SuperExec looks for tasks every 0.1 s, not 1 s
 }
+# Hang guards, not timings: a wait ends as soon as its event happens, and on a slow, loaded 2-core machine
+# starting a Flower process (Python, grpc, Ray) can take a minute and a whole `flwr run` several.
+START_TIMEOUT = 300.0
+RUN_TIMEOUT = 900.0
 LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|::1|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
 
 
@@ -163,7 +167,7 @@ class FlowerProcesses:
                 os.killpg(proc.pid, signal.SIGKILL)
             with _quiet():
                 proc.wait(timeout=5)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # SIGKILLed: they die at once, unless the loaded machine is slow to run them
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.2)
 
@@ -195,7 +199,7 @@ def write_connection(home: Path, name: str, port: int, root_certificates: Path |
 
 
 def flwr_run(env: dict[str, str], connection: str, run_config: str, *, federation_config: str | None = None,
-             timeout: float = 240, app_dir: Path = APP_DIR, check: bool = True) -> str:
+             timeout: float = RUN_TIMEOUT, app_dir: Path = APP_DIR, check: bool = True) -> str:
     """``flwr run <app> <connection> --stream`` (fedmr's flower_app unless told); returns its output
     (fails the test on a non-zero exit when ``check``)."""
     args = [str(BIN / "flwr"), "run", str(app_dir), connection, "--stream", "--run-config", run_config]

@@ -124,7 +124,8 @@ def test_a_failing_client_raises_and_close_stops_every_worker():
 
 
 def test_an_abandoned_round_stops_busy_workers_and_the_next_round_works():
-    algorithm, model, data, settings, tasks = small_setup(client=1, sleep=30)
+    # stuck for far longer than client 0 needs, even on a loaded machine; it is stopped, so the sleep costs nothing
+    algorithm, model, data, settings, tasks = small_setup(client=1, sleep=600)
     runner = ProcessPoolRunner(algorithm, model, data, settings, seed=1, workers=2)
     try:
         rounds = runner.run(0, tasks)
@@ -186,15 +187,15 @@ def test_workers_die_with_a_sigkilled_simulator(tmp_path):
            "--set", "clients_per_round=4", "--set", "local_epochs=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a hang guard: starting Python, torch and two workers, on a loaded machine
         workers = []
         while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
             workers = _children(proc.pid)
             time.sleep(0.1)
         assert len(workers) == 2, "the run never started its two workers"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        deadline = time.monotonic() + 10
+        proc.wait(timeout=60)  # hang guards: a SIGKILLed process and its PDEATHSIG'd workers die as soon as they run
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline and any(_alive(w) for w in workers):
             time.sleep(0.1)
         assert not any(_alive(w) for w in workers), "workers outlived their SIGKILLed parent"

@@ -21,7 +21,12 @@ from fedmr.results import read_metrics
 SETTINGS = ["num_clients=6", "clients_per_round=3", "rounds=10", "local_epochs=1", "eval_every=2",
             "partition=\"iid\"", "seed=5", "dropout_rate=0.3"]
 ARGS = [a for s in SETTINGS for a in ("--set", s)]
-TIMEOUT = 120.0
+# A hang guard, not a timing: each wait ends as soon as its event happens (a whole run takes ~15 s here), and a
+# slow, loaded 2-core machine may need minutes to start Python and torch and train the rounds.
+TIMEOUT = 600.0
+# Checkpoint writes slowed to this many seconds per file where a signal must land at a given point: the window
+# must outlast the test noticing the file (5 ms polls) plus a stall of its process on a loaded machine.
+WINDOW_S = 2.0
 
 
 def _start(args: list[str], log: Path, delay: float | None = None) -> subprocess.Popen:
@@ -84,7 +89,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path):
     # 2-3. SIGKILL while a checkpoint's tensor file, then its manifest, sits written but not renamed
     for step, pattern in ((2, "*.safetensors.tmp"), (3, "*.json.tmp")):
         since = time.time()
-        proc = _start(resume, tmp_path / f"log{step}", delay=0.3)
+        proc = _start(resume, tmp_path / f"log{step}", delay=WINDOW_S)  # the kill must land in the pause
         _wait_for(proc, _new_file(run, pattern, since), f"a new {pattern}")
         _kill(proc)
         leftovers = sorted(p.name for p in (run / CHECKPOINT_DIR).glob("*.tmp"))
@@ -92,7 +97,8 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path):
         events.append(f"killed mid-write: {leftovers}, checkpoints {_manifest_rounds(run)}")
 
     # 4. SIGTERM: finish the round, write a checkpoint, exit with the exact resume command
-    proc = _start(resume, tmp_path / "log4")
+    # slowed writes: the SIGTERM must land before the run ends by itself (round 10's two files alone take WINDOW_S)
+    proc = _start(resume, tmp_path / "log4", delay=WINDOW_S / 2)
     start_rounds = max(_manifest_rounds(run), default=0)
     _wait_for(proc, lambda: max(_manifest_rounds(run), default=0) > start_rounds, "one more checkpoint")
     assert _kill(proc, signal.SIGTERM) == 128 + signal.SIGTERM

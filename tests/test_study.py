@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmr.cli import main
 from test_resume_kill import _comparable, _kill, _start, _wait_for
@@ -39,9 +40,18 @@ seed = [1]
 {extra}
 """
 CELLS = ("seed1-fedavg", "seed1-fedmr")
-# the second cell as `fedmr run` settings (workers differ: they do not change the numbers)
+# the second cell as `fedmr run` settings (checkpoint_every differs: it does not change the numbers).  Not another
+# workers setting: that changes the threads a client trains on, and float32 convolution gradients are summed in an
+# order that depends on the thread count (1e-8 apart here), which the 6 digits of metrics.csv hide only by luck.
 FEDMR_CELL = ["dataset=\"digits\"", "num_clients=4", "clients_per_round=2", "rounds=6", "eval_every=2",
-              "local_epochs=1", "alpha=0.5", "algorithm=\"fedmr\"", "workers=2"]
+              "local_epochs=1", "alpha=0.5", "algorithm=\"fedmr\"", "workers=1", "checkpoint_every=1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread, monkeypatch):
+    """Every run here trains on one thread, as the reference does: in this process, in the `fedmr study`
+    subprocesses (OMP_NUM_THREADS), in --jobs 2's pool on 2 cores (one core each) and on Ray (--cpus-per-cell 1)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def _study(folder: Path, reuse: str = "", extra: str = "") -> Path:
@@ -53,9 +63,14 @@ def _study(folder: Path, reuse: str = "", extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The fedmr cell run on its own with `fedmr run` (another workers setting), in a folder named otherwise."""
+    """The fedmr cell run on its own with `fedmr run` (another checkpoint_every), in a folder named otherwise."""
     out = tmp_path_factory.mktemp("earlier") / "runs" / "fedmr-by-hand"
-    assert main(["run", "--quiet", "--out", str(out), *[a for s in FEDMR_CELL for a in ("--set", s)]]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every cell it is compared with (a module fixture runs before _one_thread)
+    try:
+        assert main(["run", "--quiet", "--out", str(out), *[a for s in FEDMR_CELL for a in ("--set", s)]]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -64,8 +79,9 @@ def test_killed_study_skips_finished_cells_and_resumes_the_interrupted_one(tmp_p
     monkeypatch.chdir(tmp_path)
     _study(tmp_path)
     cells = [tmp_path / "out" / "study" / c for c in CELLS]
-    # checkpoint writes slowed so the kill lands inside the second cell, after its first checkpoint
-    proc = _start(["study", "run", "study.toml", "--quiet"], tmp_path / "log1", delay=0.3)
+    # checkpoint writes slowed so the kill lands inside the second cell, after its first checkpoint: its 2 checkpoints
+    # left, 4 pauses of 0.5 s, give the kill 2 s to land even if this process stalls on a loaded machine
+    proc = _start(["study", "run", "study.toml", "--quiet"], tmp_path / "log1", delay=0.5)
     _wait_for(proc, lambda: (cells[1] / "checkpoints" / "round-000002.json").exists(), "the second cell's first checkpoint")
     _kill(proc)
     assert (cells[0] / "summary.json").exists() and not (cells[1] / "summary.json").exists()
