@@ -95,6 +95,26 @@ def test_the_totals_survive_a_resume(tmp_path):
     assert {"down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb"} <= set(header)
 
 
+def test_a_run_resumed_from_a_checkpoint_without_totals_leaves_them_empty(tmp_path, monkeypatch):
+    """A checkpoint written before the totals existed: the rounds after the resume still get their
+    per-round MB, but the totals are unknown (its earlier rounds were never counted), so they stay
+    empty rather than restart from zero."""
+    import fedmr.engine.recorder as recorder
+
+    out = tmp_path / "run"
+    settings = {**SMALL, "algorithm": "fedavg", "rounds": 2, "eval_every": 2}
+    real = recorder.save_checkpoint
+    monkeypatch.setattr(recorder, "save_checkpoint", lambda *a, counters=None, **k: real(*a, **k))
+    fedmr.run(settings, out=out, progress=False)
+    monkeypatch.setattr(recorder, "save_checkpoint", real)
+    rows = fedmr.run({**settings, "rounds": 4}, out=out, progress=False, resume=True).rows
+    assert column(rows, "round") == [2, 4]
+    assert rows[1]["down_mb"] == pytest.approx(4 * cnn_mb()) and "down_total_mb" not in rows[1]
+    with (out / "metrics.csv").open() as fh:
+        last = list(csv.DictReader(fh))[-1]
+    assert last["down_total_mb"] == "" and float(last["down_mb"]) > 0
+
+
 def test_a_plugin_payload_is_counted():
     extra = torch.zeros(1000)  # 4000 bytes
 

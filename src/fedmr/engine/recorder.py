@@ -88,7 +88,8 @@ class Recorder:
         self.checkpoint_every = cfg["checkpoint_every"] or self.every
         self.rows: list[Row] = []
         self.fingerprint: dict[str, Any] | None = None
-        self.totals = {"down_total_mb": 0.0, "up_total_mb": 0.0}  # MB exchanged so far, every round counted
+        # MB exchanged so far, every round counted; None once unknown (resumed from a checkpoint of before them)
+        self.totals: dict[str, float] | None = {"down_total_mb": 0.0, "up_total_mb": 0.0}
         self._start = time.perf_counter()
 
     # ---- the beginning ---------------------------------------------------------------------
@@ -106,7 +107,10 @@ class Recorder:
             if resume:
                 done, self.rows, elapsed, counters = resume_from_checkpoint(
                     self.writer.dir, self.algorithm, self.fingerprint, self.rounds, self.exp.device)
-                self.totals.update({k: v for k, v in counters.items() if k in self.totals})
+                if done and not set(self.totals) <= set(counters):  # its earlier rounds' traffic was never counted
+                    self.totals = None
+                else:
+                    self.totals.update({k: v for k, v in counters.items() if k in self.totals})
             write_run_header(self.writer, self.cfg, self.exp)
         self._start = time.perf_counter() - elapsed
         return done
@@ -135,8 +139,9 @@ class Recorder:
     def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
         """After round ``done`` (1-based, whole run): add its traffic to the totals, evaluate when due
         and write the row; the row or None.  Called once per round."""
-        self.totals["down_total_mb"] += float(round_stats.get("down_mb") or 0.0)
-        self.totals["up_total_mb"] += float(round_stats.get("up_mb") or 0.0)
+        if self.totals is not None:
+            self.totals["down_total_mb"] += float(round_stats.get("down_mb") or 0.0)
+            self.totals["up_total_mb"] += float(round_stats.get("up_mb") or 0.0)
         if not self.evaluation_due(done):
             return None
         extra = dict(extra or {})
@@ -145,7 +150,7 @@ class Recorder:
             raise ValueError(f"metric '{unknown[0]}' is not among the recorder's extra_columns {self.extra_columns}")
         acc, loss = self.evaluate()
         row: Row = {"round": done, "accuracy": acc, "loss": loss, **round_stats,
-                    "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(), **self.totals,
+                    "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(), **(self.totals or {}),
                     **{c: extra.get(c) for c in self.extra_columns}, "elapsed_s": self.elapsed()}
         self.rows.append(row)
         if self.writer is not None:
@@ -160,7 +165,7 @@ class Recorder:
             return False
         assert self.writer is not None and self.fingerprint is not None, "start() first"
         save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint,
-                        counters=self.totals)
+                        counters=self.totals or {})
         return True
 
     def end_round(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
