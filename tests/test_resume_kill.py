@@ -87,7 +87,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path):
     events.append(f"random kill with checkpoints {_manifest_rounds(run)}")
 
     # 2-3. SIGKILL while a checkpoint's tensor file, then its manifest, sits written but not renamed
-    for step, pattern in ((2, "*.safetensors.tmp"), (3, "*.json.tmp")):
+    for step, pattern in ((2, "*.safetensors.*.tmp"), (3, "*.json.*.tmp")):
         since = time.time()
         proc = _start(resume, tmp_path / f"log{step}", delay=WINDOW_S)  # the kill must land in the pause
         _wait_for(proc, _new_file(run, pattern, since), f"a new {pattern}")

@@ -8,10 +8,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def temporary_name(path: Path) -> Path:
+    """``<path>.<pid>.tmp``: the process id keeps two processes that write the same file at once
+    (two ``fedmr study run`` lanes rewriting a study's cells.json) from renaming each other's file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
-    """``write`` fills ``<path>.tmp``, which is fsynced and renamed onto ``path``: a crash leaves
-    either the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
+    """``write`` fills ``temporary_name(path)``, which is fsynced and renamed onto ``path``: a crash
+    leaves either the old file or the new one, never half of one."""
+    tmp = temporary_name(path)
     write(tmp)
     with tmp.open("rb+") as fh:
         os.fsync(fh.fileno())

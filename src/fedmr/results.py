@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import to_toml
 from .errors import ConfigError
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, temporary_name
 
 log = logging.getLogger("fedmr")
 
@@ -218,7 +218,7 @@ def write_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pa
     except Exception as exc:  # noqa: BLE001 - any failure of the plot leaves the results as they are
         log.warning("could not draw %s (%s: %s); the results beside it are written", path, type(exc).__name__, exc)
         try:
-            Path(str(path) + ".tmp").unlink(missing_ok=True)
+            temporary_name(Path(path)).unlink(missing_ok=True)
         except OSError:
             pass
         return False
