@@ -24,8 +24,19 @@ from fedmr.engine.runner import cpu_count, resolve_workers
 from fedmr.engine.vectorized import unsupported_reason
 from fedmr.models import build_model
 
-from .workloads import (ReferenceFedMR, Round, bare_round, cifar_dataset, cifar_like, matmul_gflops, median,
-                        server_cost, simulation, timed, training_flops_per_sample)
+from .workloads import (
+    ReferenceFedMR,
+    Round,
+    bare_round,
+    cifar_dataset,
+    cifar_like,
+    matmul_gflops,
+    median,
+    server_cost,
+    simulation,
+    timed,
+    training_flops_per_sample,
+)
 
 PAPER = Round()
 

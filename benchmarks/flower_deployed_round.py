@@ -88,8 +88,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="flower-round-"))
     old = main_checkout(work)
     sites = work / "sites"
-    subprocess.run([str(Path(sys.executable).parent / "fedmr"), "partition", "--set", "num_clients=3", "--set", "clients_per_round=3",
-                    "--set", "seed=5", "--export", str(sites)], check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "fedmr"), "partition", "--set", "num_clients=3",
+                    "--set", "clients_per_round=3", "--set", "seed=5", "--export", str(sites)], check=True, capture_output=True)
     node = 'dataset="imagefolder" normalization="cifar10" flower.data="node" flower.fraction_evaluate=1.0'
     cases = {
         "quickstart-before": {"app": "quickstart", "fast_nodes": False, "polling": False},

@@ -13,8 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.workloads import (ReferenceFedMR, Round, cifar_dataset, cifar_like, median,  # noqa: E402
-                                  simulation, timed)
+from benchmarks.workloads import ReferenceFedMR, Round, cifar_dataset, cifar_like, median, simulation, timed  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_times, sim_times = [], []
     try:
         for rep in range(args.reps + 1):  # interleaved, so a busy machine slows both alike
-            r, s = timed(reference.round), timed(lambda: sim.run_round(rep))
+            r, s = timed(reference.round), timed(lambda rep=rep: sim.run_round(rep))
             if rep:
                 ref_times.append(r)
                 sim_times.append(s)

@@ -28,6 +28,7 @@ from fedmr.maths import draw_permutations, pool_mean, recombine_, replicate, sta
 from fedmr.models import build_model
 from fedmr.training import batch_slices, clone_state
 
+
 @dataclass(frozen=True)
 class Round:
     """The paper's round by default: 10 clients x 5 local epochs x batch 50 x 500 samples each."""

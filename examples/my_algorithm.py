@@ -39,7 +39,7 @@ class FedAvgM(fedmr.Algorithm):
             used += 1
         if used:
             for key, average in mean.result().items():
-                self.velocity[key] = self.options["beta"] * self.velocity[key] + (self.model[key] - average.to(self.model[key]))
+                self.velocity[key] = self.options.beta * self.velocity[key] + (self.model[key] - average.to(self.model[key]))
                 self.model[key] = self.model[key] - self.velocity[key]
         return used
 

@@ -98,7 +98,7 @@ class ServerLR(FedAvg):
     def aggregate_train(self, round_idx, results, rng):
         old = self.global_model
         used = super().aggregate_train(round_idx, results, rng)
-        lr = self.options["server_lr"]
+        lr = self.options.server_lr
         self.global_model = {k: v + lr * (self.global_model[k] - v) for k, v in old.items()}
         return used
 

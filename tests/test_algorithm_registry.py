@@ -90,7 +90,21 @@ def test_a_half_written_algorithm_fails_when_built_naming_what_is_missing():
     with pytest.raises(ConfigError, match="does not implement aggregate_train, global_state, load_server_state, "
                                           "server_state"):
         Half({}, FED)
-    assert FedAvg({}, FED).options == {}  # complete: builds
+    assert FedAvg({}, FED).options == FedAvg.Options()  # complete: builds
+
+
+def test_an_algorithm_reads_its_options_as_its_own_typed_dataclass():
+    fedmr_class, scaffold_class = ALGORITHMS["fedmr"], ALGORITHMS["scaffold"]
+    built = fedmr_class({"first_stage_rounds": 50}, FED)
+    assert type(built.options) is fedmr_class.Options
+    assert (built.options.first_stage_rounds, built.options.block_fraction) == (50, 0.0)  # the rest: the defaults
+    assert built.options["first_stage_rounds"] == 50  # the dict form of earlier plug-ins still reads
+    with pytest.raises(KeyError):
+        built.options["nope"]
+    with pytest.raises(FrozenInstanceError):
+        built.options.block_fraction = 0.5  # type: ignore[misc]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+        scaffold_class({"nope": 1}, FED)
 
 
 def test_option_declarations_are_checked_when_the_class_is_made():

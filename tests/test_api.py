@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from plugin_module import write_user_module
 
 import fedmr
 from fedmr.errors import ConfigError, PluginError
-from plugin_module import write_user_module
 
 MOD = "fedmr_user_api"
 CFG = {"num_clients": 10, "clients_per_round": 5, "rounds": 10, "eval_every": 5, "local_epochs": 1, "partition": "iid"}
@@ -80,7 +80,7 @@ def test_compare_runs_each_variant_on_the_same_start(user, tmp_path):
     results = fedmr.compare({**CFG, "rounds": 5}, ["fedavg", f"{MOD}:ServerLR@server_lr=0.5"], model=mod.mlp,
                             data=mod.blobs(), out=tmp_path / "cmp", callbacks=[seen.append])
     assert list(results) == ["fedavg", f"{MOD}:ServerLR@server_lr=0.5"]
-    for spec, result in results.items():
+    for result in results.values():
         assert result.rows[-1]["round"] == 5 and result.summary["rounds"] == 5
         assert set(result.final_state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
     assert results[f"{MOD}:ServerLR@server_lr=0.5"].config[f"{MOD}:ServerLR"] == {"server_lr": 0.5}

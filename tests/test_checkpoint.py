@@ -16,7 +16,12 @@ from fedmr.cli import main
 from fedmr.config import load_config
 from fedmr.engine import Simulation, prepare
 from fedmr.engine.checkpoint import (
-    CHECKPOINT_DIR, latest_checkpoint, load_tensors, read_checkpoint, save_checkpoint, save_tensors,
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_tensors,
+    read_checkpoint,
+    save_checkpoint,
+    save_tensors,
 )
 from fedmr.errors import CheckpointError
 from fedmr.results import read_metrics

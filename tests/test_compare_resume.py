@@ -9,9 +9,9 @@ import signal
 from pathlib import Path
 
 import pytest
+from test_resume_kill import ARGS, _comparable, _kill, _start, _wait_for
 
 from fedmr.cli import main
-from test_resume_kill import ARGS, _comparable, _kill, _start, _wait_for
 
 ALGORITHMS = "fedavg,fedmr@first_stage_rounds=2"
 FOLDERS = ("fedavg", "fedmr_first_stage_rounds-2")

@@ -125,7 +125,8 @@ def test_console_script_is_installed():
 
 def test_parsing_the_arguments_does_not_import_torch():
     """The algorithms epilog (which imports torch) is built only for ``run/compare --help``."""
-    code = "import sys, fedmr.cli; fedmr.cli.build_parser().parse_args(['study', 'report', 'x.toml']); print('torch' in sys.modules)"
+    code = ("import sys, fedmr.cli; fedmr.cli.build_parser().parse_args(['study', 'report', 'x.toml']); "
+            "print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stderr
 

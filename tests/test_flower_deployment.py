@@ -5,9 +5,9 @@ stopped and nothing listened outside 127.0.0.1."""
 from __future__ import annotations
 
 import csv
-import json
 import datetime
 import ipaddress
+import json
 import subprocess
 
 import pytest
@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from test_flower_helpers import (  # noqa: E402
-    BIN, START_TIMEOUT, FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
+    BIN,
+    START_TIMEOUT,
+    FlowerProcesses,
+    flower_env,
+    flwr_run,
+    free_port,
+    wait_for,
+    write_connection,
 )
 
 RUN = "num_clients=2 clients_per_round=2 rounds=2 local_epochs=1 eval_every=1 seed=5"

@@ -249,7 +249,7 @@ def test_app_config_lists_every_fedmr_key():
     declared = read_toml(APP_DIR / "pyproject.toml")["tool"]["flwr"]["app"]["config"]
     for key, value in default_config().items():
         if isinstance(value, dict):
-            for sub, sub_value in value.items():
+            for sub in value:
                 assert sub in declared.get(key, {}), f"flower_app/pyproject.toml lacks {key}.{sub}"
         else:
             assert key in declared, f"flower_app/pyproject.toml lacks '{key}'"

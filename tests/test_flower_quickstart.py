@@ -144,7 +144,8 @@ def evaluate(msg: Message, context: Context):
     state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(state)
     pid, parts = context.node_config["partition-id"], context.node_config["num-partitions"]
-    record(context, msg.content["config"]["tag"] + "-r" + str(msg.content["config"]["server-round"]) + "-p" + str(pid) + "-eval", state)
+    config = msg.content["config"]
+    record(context, config["tag"] + "-r" + str(config["server-round"]) + "-p" + str(pid) + "-eval", state)
     _, valset = load_data(pid, parts)
     eval_loss, eval_acc = test_fn(model, valset)
     metrics = {"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": len(valset[1])}

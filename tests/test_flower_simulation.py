@@ -14,13 +14,18 @@ import pytest
 pytest.importorskip("flwr", reason="flwr is not installed (pip install 'fedmr[flower]')")
 pytestmark = pytest.mark.slow  # starts Ray / Flower processes: minutes on 2 cores
 
-from test_flower_helpers import (  # noqa: E402
-    APP_DIR, START_TIMEOUT, FlowerProcesses, flower_env, flwr_run, free_port, wait_for, write_connection,
-)
-
-from plugin_module import write_user_module  # noqa: E402
-
 import torch  # noqa: E402
+from plugin_module import write_user_module  # noqa: E402
+from test_flower_helpers import (  # noqa: E402
+    APP_DIR,
+    START_TIMEOUT,
+    FlowerProcesses,
+    flower_env,
+    flwr_run,
+    free_port,
+    wait_for,
+    write_connection,
+)
 
 from fedmr.config import load_config, read_toml  # noqa: E402
 from fedmr.engine import run_experiment  # noqa: E402

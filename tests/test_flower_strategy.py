@@ -98,7 +98,8 @@ def test_the_pool_follows_nodes_joining_and_leaving():
     # K grew 3 -> 4: three recombined models and one copy of the pool mean
     assert sum(all(torch.equal(m[k], mean1[k]) for k in m) for m in sent2) >= 1
     for key in ("w", "b"):
-        assert sorted(float(m[key].sum()) for m in sent2) == sorted([float(m[key].sum()) for m in back1] + [float(mean1[key].sum())])
+        expected = [float(m[key].sum()) for m in back1] + [float(mean1[key].sum())]
+        assert sorted(float(m[key].sum()) for m in sent2) == sorted(expected)
     # K shrank 4 -> 2: two of the four slots go on
     back2 = list(grid.returned[2].values())
     for m in grid.sent[3].values():

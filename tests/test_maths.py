@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from fedmr.maths import (
-    RunningMean, draw_permutations, key_blocks, mean_pairwise_cosine, pool_mean, recombine, recombine_,
-    replicate, slot, stack_states, weighted_mean,
+    RunningMean,
+    draw_permutations,
+    key_blocks,
+    mean_pairwise_cosine,
+    pool_mean,
+    recombine,
+    recombine_,
+    replicate,
+    slot,
+    stack_states,
+    weighted_mean,
 )
 
 
@@ -127,4 +136,5 @@ def test_mean_pairwise_cosine():
     assert mean_pairwise_cosine(stack_states([a, b])) == pytest.approx(0.0, abs=1e-12)
     c = {"w": torch.tensor([1.0, 1.0])}
     # pairs: (a,b)=0, (a,c)=(b,c)=1/sqrt(2)
-    assert mean_pairwise_cosine(stack_states([a, b, c]), chunk_numel=1) == pytest.approx(2 / 3 / 2 ** 0.5 * 1.0 * 1.0 + 0.0, rel=1e-9)
+    expected = 2 / 3 / 2 ** 0.5 * 1.0 * 1.0 + 0.0
+    assert mean_pairwise_cosine(stack_states([a, b, c]), chunk_numel=1) == pytest.approx(expected, rel=1e-9)

@@ -20,7 +20,6 @@ from fedmr.maths import replicate, slot, state_nbytes
 from fedmr.models import CNN
 from fedmr.training import LocalSettings, clone_state
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = ["num_clients=8", "clients_per_round=4", "rounds=1", "local_epochs=1", "eval_every=1"]

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 import tomli_w
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from fedmr.config import default_config, load_config, merge, parse_assignment, validate
 from fedmr.engine.checkpoint import read_checkpoint

@@ -5,7 +5,12 @@ import pytest
 
 from fedmr.errors import PartitionError
 from fedmr.partition import (
-    check_partition, dirichlet_partition, iid_partition, load_partition, save_partition, summarize,
+    check_partition,
+    dirichlet_partition,
+    iid_partition,
+    load_partition,
+    save_partition,
+    summarize,
 )
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from plugin_module import write_user_module
 
 from fedmr.cli import main
 from fedmr.config import load_config, read_toml
-from plugin_module import write_user_module
 
 MOD = "fedmr_user_plugins"  # a name no other test uses, so sys.modules holds one version of it
 SMALL = ["num_clients=10", "clients_per_round=5", "rounds=10", "eval_every=5", "local_epochs=1", "partition=iid"]
@@ -144,18 +144,22 @@ BAD = [
     ([f"model={MOD}:flat_output"], "gives output of shape (2,) on a batch of 2"),
     ([f"dataset={MOD}:CONSTANT"], "config key 'dataset': '" + MOD + ":CONSTANT' is an int, not a function or class"),
     ([f"dataset={MOD}:nothing"], f"config key 'dataset': module '{MOD}' has no attribute 'nothing'"),
-    ([f"dataset={MOD}:three_tuple"], "config key 'dataset': the loader returned a 3-tuple, expected (train_x, train_y, test_x, test_y)"),
+    ([f"dataset={MOD}:three_tuple"],
+     "config key 'dataset': the loader returned a 3-tuple, expected (train_x, train_y, test_x, test_y)"),
     ([f"dataset={MOD}:strings"], "config key 'dataset': train_y is a list, expected a torch.Tensor or numpy array"),
-    ([f"dataset={MOD}:float_labels"], "config key 'dataset': train_y has dtype torch.float64, expected integer class labels 0..C-1"),
+    ([f"dataset={MOD}:float_labels"],
+     "config key 'dataset': train_y has dtype torch.float64, expected integer class labels 0..C-1"),
     ([f"dataset={MOD}:negative_labels"], "config key 'dataset': labels must be integer classes 0..C-1, found -1"),
     ([f"dataset={MOD}:shapes_differ"], "config key 'dataset': train and test samples differ in shape: (20,) vs (19,)"),
     ([f"dataset={MOD}:loader_raises"], "the loader '" + MOD + ":loader_raises' raised OSError: disk not mounted"),
-    ([f"algorithm={MOD}:NotAnAlgorithm"], "config key 'algorithm': '" + MOD + ":NotAnAlgorithm' is class NotAnAlgorithm, not a subclass of fedmr.Algorithm"),
+    ([f"algorithm={MOD}:NotAnAlgorithm"],
+     "config key 'algorithm': '" + MOD + ":NotAnAlgorithm' is class NotAnAlgorithm, not a subclass of fedmr.Algorithm"),
     ([f"algorithm={MOD}:mlp"], "is a function, not a subclass of fedmr.Algorithm"),
     ([f"algorithm={MOD}:nothing"], f"config key 'algorithm': module '{MOD}' has no attribute 'nothing'"),
     ([f"{MOD}:nothing.x=1"], f"config section '{MOD}:nothing': module '{MOD}' has no attribute 'nothing'"),
     ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.nope=1"], f"unknown config key '{MOD}:ServerLR.nope'"),
-    ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=\"big\""], f"config key '{MOD}:ServerLR.server_lr' must be a number"),
+    ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=\"big\""],
+     f"config key '{MOD}:ServerLR.server_lr' must be a number"),
     ([f"algorithm={MOD}:ServerLR", f"{MOD}:ServerLR.server_lr=2"],
      f"config key '{MOD}:ServerLR.server_lr' must be in (0.0, 1.0], got 2.0"),  # the section as the user wrote it
     (["model=vgg16"], "model 'vgg16' needs images, samples of shape (C, H, W); the data set's samples are (20,)"),

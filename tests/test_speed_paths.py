@@ -16,7 +16,6 @@ from fedmr.errors import ConfigError
 from fedmr.models import CNN
 from fedmr.training import LocalSettings, batch_slices, train_sgd
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

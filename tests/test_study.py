@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume_kill import _comparable, _kill, _start, _wait_for
 
 from fedmr.cli import main
-from test_resume_kill import _comparable, _kill, _start, _wait_for
 
 STUDY = """
 [study]

@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
+from fedmr.algorithms import TrainResult
 from fedmr.config import load_config
 from fedmr.engine import Simulation, prepare
 from fedmr.engine.validation import update_problem
-from fedmr.algorithms import TrainResult
 from fedmr.maths import RunningMean
 from fedmr.seeding import numpy_rng
 

@@ -18,7 +18,6 @@ from fedmr.errors import ConfigError
 from fedmr.models import CNN, VGG16, CNNFemnist, ResNet20, build_model
 from fedmr.training import LocalSettings, batch_slices, clone_state
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # the algorithms whose local step is the plain one (FedMR and Clustered inherit it)

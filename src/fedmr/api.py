@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -18,9 +18,9 @@ from .config import default_config, load_config, merge, validate
 from .errors import ConfigError
 from .plugins import IN_MEMORY, Arrays, describe
 
-Config = Union[Mapping[str, Any], str, Path, None]
-ModelArg = Union[Callable[..., torch.nn.Module], str, None]
-DataArg = Union[Arrays, Callable[[], Arrays], str, None]
+Config = Mapping[str, Any] | str | Path | None
+ModelArg = Callable[..., torch.nn.Module] | str | None
+DataArg = Arrays | Callable[[], Arrays] | str | None
 
 
 @dataclass

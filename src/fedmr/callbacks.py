@@ -50,7 +50,8 @@ def run_callbacks(cfg: Mapping[str, Any], out_dir: Path | None, callbacks: Seque
     chosen = check_callbacks(callbacks)
     if cfg.get("tensorboard"):
         if out_dir is None:
-            raise ConfigError("tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")
+            raise ConfigError(
+                "tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")
         chosen.append(TensorBoardLog(Path(out_dir) / TENSORBOARD_DIR))
     return chosen
 

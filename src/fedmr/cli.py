@@ -46,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmr", description="Federated learning via model recombination (FedMR) and baselines.")
+    parser = argparse.ArgumentParser(
+        prog="fedmr", description="Federated learning via model recombination (FedMR) and baselines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run one experiment", epilog=_ALGORITHMS_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +79,8 @@ def _add_data_commands(sub: Any) -> None:
     data = sub.add_parser("data", help="inspect a data set")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="sizes, classes and per-channel pixel mean/std of a data set")
-    info.add_argument("dataset", metavar="DATASET", help="digits, cifar10, cifar100, femnist, imagefolder or a loader as package.module:function")
+    info.add_argument("dataset", metavar="DATASET",
+                      help="digits, cifar10, cifar100, femnist, imagefolder or a loader as package.module:function")
     info.add_argument("--data-dir", metavar="DIR", help="where the data set lies (the config key data_dir)")
     info.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="another config key, e.g. --set normalization=\"none\"")
@@ -87,7 +89,8 @@ def _add_data_commands(sub: Any) -> None:
     part.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="override one config key, e.g. --set num_clients=100")
     part.add_argument("--out", metavar="FILE.json", help="partition file (the authors' JSON format)")
-    part.add_argument("--export", metavar="DIR", help="also write one image folder per client (DIR/client-007/train|test/<class>/*.png)")
+    part.add_argument("--export", metavar="DIR",
+                      help="also write one image folder per client (DIR/client-007/train|test/<class>/*.png)")
 
 
 def _progress(args: argparse.Namespace) -> str:
@@ -208,8 +211,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Draw exactly the partition ``fedmr run`` draws for this config and save it, with its summary."""
     from .data import load_dataset
-    from .partition import config_json, format_summary, make_partition, summarize
     from .fileio import atomic_write_text
+    from .partition import config_json, format_summary, make_partition, summarize
 
     cfg = load_config(args.config, args.assignments, uses="partition")
     if not (args.out or args.export):

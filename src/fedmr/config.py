@@ -26,7 +26,6 @@ import tomli_w
 from .errors import ConfigError, did_you_mean
 
 
-
 @dataclass(frozen=True)
 class Setting:
     """One top-level config key: its default (the paper's), a line of help, and the group of
@@ -304,7 +303,8 @@ def _check_training_ranges(cfg: dict[str, Any]) -> None:
     if cfg["max_update_norm"] < 0:
         raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {cfg['max_update_norm']}")
     if cfg["checkpoint_every"] < 0:
-        raise ConfigError(f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {cfg['checkpoint_every']}")
+        raise ConfigError(
+            f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {cfg['checkpoint_every']}")
     if cfg["lr"] <= 0:
         raise ConfigError(f"config key 'lr' must be positive, got {cfg['lr']}")
     if not 0 <= cfg["momentum"] < 1:
@@ -321,8 +321,15 @@ def _validate_plugins(cfg: dict[str, Any], training: bool = True) -> None:
     before any data is loaded.  Without ``training``, only the data set."""
     from .data import check_dataset_name
     from .models import check_model_name
-    from .plugins import (algorithm_class, algorithm_defaults, check_loader_options, is_import_string,
-                          is_loader_section, loader_defaults, resolve_callable)
+    from .plugins import (
+        algorithm_class,
+        algorithm_defaults,
+        check_loader_options,
+        is_import_string,
+        is_loader_section,
+        loader_defaults,
+        resolve_callable,
+    )
 
     check_dataset_name(cfg["dataset"])
     if is_import_string(cfg["dataset"]):

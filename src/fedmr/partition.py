@@ -178,7 +178,8 @@ def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partitio
         if natural is None:
             raise PartitionError(f"data set '{cfg['dataset']}' has no natural (per-writer) split")
         if len(natural) != n:
-            raise PartitionError(f"the natural split of '{cfg['dataset']}' has {len(natural)} clients; set num_clients = {len(natural)}")
+            raise PartitionError(
+                f"the natural split of '{cfg['dataset']}' has {len(natural)} clients; set num_clients = {len(natural)}")
         return check_partition(natural, len(labels), "natural split")
     raise PartitionError(f"unknown partition '{kind}'")
 

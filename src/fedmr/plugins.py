@@ -23,20 +23,19 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import PluginError
-
 from .data import IN_MEMORY  # noqa: E402,F401  (the dataset value recorded for arrays passed from Python)
+from .errors import PluginError
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPEC = re.compile(rf"^({_NAME}(?:\.{_NAME})*):({_NAME}(?:\.{_NAME})*)$")
 
-Array = Union[torch.Tensor, np.ndarray]
+Array = torch.Tensor | np.ndarray
 Arrays = tuple[Array, Array, Array, Array]
 """What a data loader returns: ``(train_x, train_y, test_x, test_y)``."""
 

@@ -24,7 +24,7 @@ class LocalSettings:
     momentum: float = 0.5
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "LocalSettings":
+    def from_config(cls, cfg: Mapping[str, Any]) -> LocalSettings:
         return cls(cfg["local_epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"])
 
 

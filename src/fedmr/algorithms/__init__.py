@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from .base import ALGORITHMS, Algorithm, Federation, Options, TrainResult, TrainTask, option, register_algorithm
-from .fedavg import FedAvg  # noqa: I001  (registration order, see above)
+
+# registration order, see above
+# isort: off
+from .fedavg import FedAvg
 from .fedprox import FedProx
 from .scaffold import Scaffold
 from .moon import Moon
@@ -19,6 +22,7 @@ from .fedgen import FedGen
 from .clustered import ClusteredSampling
 from .fedindep import FedIndep
 from .fedmr import FedMR
+# isort: on
 
 
 def build_algorithm(cfg: Mapping[str, Any], federation: Federation, name: str | None = None) -> Algorithm:

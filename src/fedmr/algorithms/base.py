@@ -74,7 +74,14 @@ def option(default: Any, help: str, *, low: float | None = None, high: float | N
 @dataclass(frozen=True)
 class Options:
     """An algorithm's options as a frozen dataclass whose field defaults are the paper's; subclass it
-    with ``option(...)`` fields (an algorithm without options keeps this empty one)."""
+    with ``option(...)`` fields (an algorithm without options keeps this empty one).  An algorithm
+    reads its own as attributes, ``self.options.mu``; ``self.options["mu"]`` still works, for
+    plug-ins written before the options were typed."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -118,7 +125,7 @@ def _check_declaration(options: type[Options], owner: str) -> None:
 
 
 # ---- the registry ------------------------------------------------------------------------------
-ALGORITHMS: dict[str, type["Algorithm"]] = {}  # name -> class, in registration order (= config sections' order)
+ALGORITHMS: dict[str, type[Algorithm]] = {}  # name -> class, in registration order (= config sections' order)
 
 A = TypeVar("A", bound=type["Algorithm"])
 
@@ -172,7 +179,7 @@ class Algorithm(abc.ABC):
         _check_declaration(cls.Options, cls.__qualname__)
         cls.defaults = cls.Options.defaults()
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "Algorithm":
+    def __new__(cls, *args: Any, **kwargs: Any) -> Algorithm:
         missing = sorted(getattr(cls, "__abstractmethods__", ()))
         if missing:
             raise ConfigError(f"algorithm class {cls.__module__}.{cls.__qualname__} is incomplete: it does not "
@@ -180,7 +187,8 @@ class Algorithm(abc.ABC):
         return super().__new__(cls)
 
     def __init__(self, options: Mapping[str, Any], federation: Federation):
-        self.options = {**self.defaults, **options}
+        # the config section (or the defaults) as the algorithm's own typed Options
+        self.options: Any = self.Options(**{**self.defaults, **options})
         self.federation = federation
 
     @classmethod

@@ -43,7 +43,7 @@ class ClientStore:
         return {f"{prefix}{cid}.{k}": v for cid, state in self._states.items() for k, v in state.items()}
 
     @classmethod
-    def from_tensors(cls, prefix: str, tensors: Mapping[str, torch.Tensor]) -> "ClientStore":
+    def from_tensors(cls, prefix: str, tensors: Mapping[str, torch.Tensor]) -> ClientStore:
         store = cls()
         for name, value in tensors.items():
             if not name.startswith(prefix):

@@ -150,14 +150,14 @@ class ClusteredSampling(FedAvg):
     def select_clients(self, round_idx: int, rng: np.random.Generator) -> list[int]:
         n, m = self.federation.num_clients, self.federation.clients_per_round
         if self._clusters is None:
-            distances = update_distances([self.updates.get(i) for i in range(n)], self.options["distance"])
+            distances = update_distances([self.updates.get(i) for i in range(n)], self.options.distance)
             self._clusters = weight_clusters(distances, self.weights, m)
         self.distributions = sampling_distributions(self._clusters, self.weights, m, rng)
         return [int(rng.choice(n, p=row)) for row in self.distributions]
 
     def aggregate_train(self, round_idx: int, results: Iterable[TrainResult], rng: torch.Generator) -> int:
         start = self.global_model
-        uniform = self.options["weighting"] == "uniform"
+        uniform = self.options.weighting == "uniform"
         self._clusters = None
 
         def record(stream: Iterable[TrainResult]) -> Iterator[TrainResult]:

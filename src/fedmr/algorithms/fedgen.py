@@ -146,7 +146,7 @@ class FedGen(FedAvg):
 
     def new_generator(self, representation_dim: int) -> Generator:
         o = self.options
-        return Generator(self.federation.num_classes, representation_dim, o["hidden_dim"], o["noise_dim"])
+        return Generator(self.federation.num_classes, representation_dim, o.hidden_dim, o.noise_dim)
 
     # ---- server side -------------------------------------------------------------------
     def setup(self, initial_state: State) -> None:
@@ -157,8 +157,8 @@ class FedGen(FedAvg):
         with torch.random.fork_rng(devices=[]):  # the generator's initial weights, without touching the global stream
             torch.manual_seed(derive_seed(self.federation.seed, "fedgen-init"))
             self.generator = self.new_generator(dim).to(device)
-        self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=self.options["generator_lr"],
-                                          weight_decay=self.options["generator_weight_decay"])
+        self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=self.options.generator_lr,
+                                          weight_decay=self.options.generator_weight_decay)
         self.trained_rounds = 0
 
     def configure_train(self, round_idx: int, clients: list[int]) -> list[TrainTask]:
@@ -188,16 +188,16 @@ class FedGen(FedAvg):
         """Fit G so the label-weighted ensemble of the clients' heads classifies G(y) as y."""
         o = self.options
         qualified = np.flatnonzero(counts.max(axis=0) > MIN_SAMPLES_PER_LABEL)
-        if qualified.size == 0 or o["generator_steps"] == 0:
+        if qualified.size == 0 or o.generator_steps == 0:
             return
         device = self.generator.out.weight.device
         weights = torch.as_tensor(label_weights(counts), dtype=torch.float32, device=device)  # (clients, classes)
         qualified_t = torch.as_tensor(qualified, device=device)
         for group in self.optimiser.param_groups:
-            group["lr"] = o["generator_lr"] * o["decay"]**self.trained_rounds
+            group["lr"] = o.generator_lr * o.decay**self.trained_rounds
         self.generator.train()
-        batch = o["gen_batch_size"]
-        for _ in range(o["generator_steps"]):
+        batch = o.gen_batch_size
+        for _ in range(o.generator_steps):
             pick = torch.randint(qualified.size, (batch,), generator=rng, device=rng.device).to(device)
             labels = qualified_t[pick]
             eps = self.generator.noise(batch, rng)
@@ -206,7 +206,7 @@ class FedGen(FedAvg):
             for k, (w, b) in enumerate(heads):
                 per_sample = F.cross_entropy(F.linear(z, w, b), labels, reduction="none")
                 teacher = teacher + (per_sample * weights[k, labels]).mean()
-            loss = teacher + o["diversity_weight"] * diversity_loss(eps, z)
+            loss = teacher + o.diversity_weight * diversity_loss(eps, z)
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             self.optimiser.step()
@@ -250,6 +250,6 @@ class FedGen(FedAvg):
             noise_rng = torch.Generator(device=generator.device)
             seed = generator.initial_seed()
             noise_rng.manual_seed(derive_seed(seed & 0xFFFFFFFF, "fedgen-client", seed >> 32))
-            loss_fn = fedgen_loss(gen, decayed(o["alpha"], o["decay"], round_idx), decayed(o["beta"], o["decay"], round_idx),
-                                  o["gen_batch_size"], settings.batch_size, self.federation.num_classes, noise_rng)
+            loss_fn = fedgen_loss(gen, decayed(o.alpha, o.decay, round_idx), decayed(o.beta, o.decay, round_idx),
+                                  o.gen_batch_size, settings.batch_size, self.federation.num_classes, noise_rng)
         return self.sgd_result(model, task, x, y, settings, generator, loss_fn)[0]

@@ -31,8 +31,8 @@ class FedMR(FedIndep):
 
     def mix(self, round_idx: int, rng: torch.Generator) -> None:
         k = self.federation.clients_per_round
-        if round_idx < self.options["first_stage_rounds"]:
+        if round_idx < self.options.first_stage_rounds:
             self.pool = replicate(self.global_state(), k)  # first stage: every slot becomes G
             return
-        block = self.options["block_fraction"] or None
+        block = self.options.block_fraction or None
         recombine_(self.pool, draw_permutations(list(self.pool), k, rng, block))

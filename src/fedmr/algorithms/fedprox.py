@@ -40,7 +40,7 @@ class FedProx(FedAvg):
                      settings: LocalSettings, generator: torch.Generator) -> TrainResult:
         model.load_state_dict(task.state)
         anchor = [p.detach().clone() for p in model.parameters()]
-        return self.sgd_result(model, task, x, y, settings, generator, proximal_loss(self.options["mu"], anchor))[0]
+        return self.sgd_result(model, task, x, y, settings, generator, proximal_loss(self.options.mu, anchor))[0]
 
     def round_metrics(self) -> dict[str, float]:
         return {"client_state_mb": 0.0}  # nothing is kept per client

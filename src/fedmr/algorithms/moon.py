@@ -124,5 +124,5 @@ class Moon(FedAvg):
         global_model = frozen_copy(model, task.state)
         previous = task.payload.get("previous")
         previous_model = frozen_copy(model, previous) if previous is not None else None
-        loss_fn = moon_loss(global_model, previous_model, self.options["mu"], self.options["temperature"])
+        loss_fn = moon_loss(global_model, previous_model, self.options.mu, self.options.temperature)
         return self.sgd_result(model, task, x, y, settings, generator, loss_fn)[0]

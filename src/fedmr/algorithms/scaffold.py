@@ -96,7 +96,7 @@ class Scaffold(FedAvg):
                 yield result
 
         used = super().aggregate_train(round_idx, fold_variates(results), rng)
-        lr = self.options["server_lr"]
+        lr = self.options.server_lr
         if used and lr != 1.0:
             self.global_model = {k: start[k] + lr * (v - start[k]) if v.is_floating_point() else v
                                  for k, v in self.global_model.items()}
@@ -128,7 +128,7 @@ class Scaffold(FedAvg):
                 c = server_c[key].to(p.device) if key in server_c else torch.zeros_like(p)
                 correction[key] = c - client_c[key].to(p.device) if key in client_c else c
 
-        mean_gradient = self.options["variates"] == "mean-gradient"
+        mean_gradient = self.options.variates == "mean-gradient"
         grad_sum = {key: torch.zeros_like(p) for key, p in params.items()} if mean_gradient else {}
 
         def correct(_: nn.Module) -> None:

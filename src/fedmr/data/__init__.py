@@ -57,7 +57,7 @@ class DataSet:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
-    def to(self, device: torch.device | str) -> "DataSet":
+    def to(self, device: torch.device | str) -> DataSet:
         """The same data on another device (the GPU keeps the whole data set resident)."""
         def move(x: torch.Tensor) -> torch.Tensor:
             x = x.to(device)
@@ -148,5 +148,8 @@ def check_dataset_name(name: str) -> None:
                           f"loader as 'package.module:loader'){did_you_mean(name, DATASETS)}")
 
 
+# registration order: the embedded data set first
+# isort: off
 from . import digits  # noqa: E402,F401  (registers the embedded data set)
 from . import cifar, femnist, imagefolder  # noqa: E402,F401  (register the real data sets)
+# isort: on

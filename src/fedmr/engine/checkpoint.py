@@ -109,7 +109,8 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu", sha256: s
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); only safetensors are loaded, never pickles") from None
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc}); only safetensors are loaded, never pickles") from None
 
 
 # ---- the run's identity ------------------------------------------------------------------
@@ -244,7 +245,8 @@ def read_checkpoint(manifest: Path, device: str | torch.device = "cpu") -> Check
         raise CheckpointError(f"{manifest} lacks a valid field ({exc})") from None
     tensors = load_tensors(tensor_file, "cpu", sha)
     try:
-        generators = {"torch": tensors.pop(_RNG_TORCH), "numpy": (tensors.pop(_RNG_NUMPY), int(pos), int(has_gauss), float(gauss)),
+        generators = {"torch": tensors.pop(_RNG_TORCH),
+                      "numpy": (tensors.pop(_RNG_NUMPY), int(pos), int(has_gauss), float(gauss)),
                       "python": (int(version), [int(i) for i in internal], gauss_next)}
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{tensor_file} lacks the generator states ({exc})") from None
@@ -270,7 +272,7 @@ def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | 
     directory = Path(run_dir) / CHECKPOINT_DIR
     manifests = _manifests(directory)
     problems = []
-    for rounds_done, manifest in manifests:
+    for _rounds_done, manifest in manifests:
         try:
             ckpt = read_checkpoint(manifest, device)
         except CheckpointError as exc:

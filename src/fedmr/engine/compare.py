@@ -132,8 +132,9 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
     """Run each variant in ``specs`` (e.g. "fedavg", "fedmr@first_stage_rounds=50") of ``cfg`` on one
     prepared experiment.  ``out``: the comparison's folder (None: nothing written, no resume);
     ``progress``: "bar", "log" or "none"; ``resume``: keep finished variants, continue the
-    interrupted one; ``data`` replaces the config's data set, ``model`` (a factory) its model; ``on_row(label, row)`` is called with
-    each metrics row.  The first SIGINT/SIGTERM stops it after a checkpoint (``stop_signal``)."""
+    interrupted one; ``data`` replaces the config's data set, ``model`` (a factory) its model;
+    ``on_row(label, row)`` is called with each metrics row.  The first SIGINT/SIGTERM stops it after a
+    checkpoint (``stop_signal``)."""
     out = Path(out) if out is not None else None
     chosen = variants(cfg, specs)
     if resume and out is None:

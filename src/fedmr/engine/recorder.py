@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..callbacks import close_callbacks, run_callbacks
 from ..algorithms.base import Algorithm
+from ..callbacks import close_callbacks, run_callbacks
 from ..plugins import IN_MEMORY
 from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
@@ -29,7 +29,7 @@ Row = dict[str, Any]
 RowCallback = Callable[[Row], None]
 
 
-def write_run_header(writer: RunWriter, cfg: Mapping[str, Any], exp: "Experiment") -> None:
+def write_run_header(writer: RunWriter, cfg: Mapping[str, Any], exp: Experiment) -> None:
     """config.toml, then the experiment's record of its clients' data (``Experiment.write_clients``:
     partition.json and its summary): what every results folder starts with."""
     writer.write_config(cfg)
@@ -70,7 +70,7 @@ class Recorder:
     rows and summary are still returned).
     """
 
-    def __init__(self, cfg: Mapping[str, Any], exp: "Experiment", algorithm: Algorithm, writer: RunWriter | None,
+    def __init__(self, cfg: Mapping[str, Any], exp: Experiment, algorithm: Algorithm, writer: RunWriter | None,
                  *, model: torch.nn.Module | None = None, extra_columns: Sequence[str] = (),
                  on_row: Iterable[RowCallback] = ()):
         clash = [c for c in extra_columns if c in METRIC_COLUMNS]

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
 from ..algorithms.base import Algorithm
-from ..data import DataSet, check_trainable, load_dataset
 from ..config import load_config
+from ..data import DataSet, check_trainable, load_dataset
 from ..errors import CheckpointError, ConfigError
 from ..fileio import check_writable_folder
 from ..maths import State
-from ..plugins import check_model_output, model_builder
 from ..partition import Partition, config_json, format_summary, make_partition, summarize
+from ..plugins import check_model_output, model_builder
 from ..results import RunWriter
 from ..seeding import derive_seed, numpy_rng, torch_generator
 from ..training import LocalSettings, clone_state

@@ -45,7 +45,7 @@ class Traffic:
     down_client_state: int = 0
 
     @classmethod
-    def of_tasks(cls, tasks: Iterable[TrainTask], held: Iterable[str] = ()) -> "Traffic":
+    def of_tasks(cls, tasks: Iterable[TrainTask], held: Iterable[str] = ()) -> Traffic:
         tasks, held = list(tasks), tuple(held)
         return cls(sum(task_bytes(t) for t in tasks), 0, sum(held_bytes(t, held) for t in tasks))
 

@@ -140,8 +140,10 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
                    default_model=model_name).to(device)
     initial = {k: v.to(device) for k, v in initial_state(cfg, build).items()}
     partition = [list(info["label-counts"]) for _, info in sites]
-    summary = {"clients": [{"client": i, "node": node, **{k: info[k] for k in ("data-dir", "num-examples", "test-examples", "label-counts")}}
-                           for i, (node, info) in enumerate(sites)], "classes": classes, "shape": shape}
+    site_keys = ("data-dir", "num-examples", "test-examples", "label-counts")
+    clients = [{"client": i, "node": node, **{k: info[k] for k in site_keys}} for i, (node, info) in enumerate(sites)]
+    summary = {"clients": clients,
+               "classes": classes, "shape": shape}
     return SiteExperiment(cfg, data, partition, summary, model_name, initial, device, build,
                           site_federation=site_federation(cfg, sites),
                           node_of={i: node for i, (node, _) in enumerate(sites)})

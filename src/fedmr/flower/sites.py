@@ -115,7 +115,8 @@ def client_error(reason: str) -> str:
     return message if kind.startswith("fedmr.errors.") else f"{kind.rsplit('.', 1)[-1]}: {message}"
 
 
-def check_sites(sites: Sequence[tuple[int, Mapping[str, Any]]], reference: tuple[list[str], list[int], str] | None = None) -> None:
+def check_sites(sites: Sequence[tuple[int, Mapping[str, Any]]],
+                reference: tuple[list[str], list[int], str] | None = None) -> None:
     """Every site must have the run's classes and image shape: the server's test set's if it has
     one, else the first node's."""
     classes, shape, source = reference or (list(sites[0][1]["classes"]), list(sites[0][1]["shape"]),

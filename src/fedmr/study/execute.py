@@ -44,7 +44,6 @@ def run_cell(cfg: dict[str, Any], folder: Path, progress: str = "none", label: s
 
     from ..engine import Simulation, prepare
     from ..engine.simulator import stop_on_signals
-
     from .parking import unpark
 
     start = time.perf_counter()

@@ -119,9 +119,9 @@ def resolve(study: Study) -> list[Status]:
         own = study.output / cell.name
         rounds = cell.cfg["rounds"]
 
-        def holds(folder: Path) -> bool:
+        def holds(folder: Path, rounds: int = rounds, cell_cfg: dict = cell.cfg) -> bool:
             cfg = _config(folder)
-            return finished_rounds(folder) == rounds and cfg is not None and difference(cfg, cell.cfg) is None
+            return finished_rounds(folder) == rounds and cfg is not None and difference(cfg, cell_cfg) is None
 
         if holds(own):
             statuses.append(Status(cell, "done", own, rounds))

@@ -461,8 +461,8 @@ class Page:
                    if len({repr(e.membership.settings.get(k)) for e in entries}) > 1]
         groups: dict[str, list[Entry]] = {}
         for e in entries:
-            label = ", ".join(f"{e.membership.settings.get(k, '')}" if k == "algorithm" else f"{k}={e.membership.settings.get(k, '')}"
-                              for k in varying) or e.method
+            values = {k: e.membership.settings.get(k, "") for k in varying}
+            label = ", ".join(f"{v}" if k == "algorithm" else f"{k}={v}" for k, v in values.items()) or e.method
             groups.setdefault(label, []).append(e)
         rows, curves = [], {}
         for label, group in groups.items():
@@ -510,7 +510,8 @@ class Page:
                  f"{entries[0].het}, seed {entries[0].seed}): the same seed, partition, model and clients per round as "
                  "the main cells, so the same tensors cross the wire; training does not change what is exchanged. "
                  f"**last**: the round of the probe's last evaluation{f' (round {lasts})' if lasts else ''}; "
-                 f"**mean**: its cumulative total / rounds. **× {baseline}**: down+up per round at the last round over {baseline}'s. FedMR's traffic "
+                 f"**mean**: its cumulative total / rounds. **× {baseline}**: down+up per round at the last round "
+                 f"over {baseline}'s. FedMR's traffic "
                  f"equals {baseline}'s: one model down and one up per selected client. **total to reach**: MB down+up "
                  "until the round at which the main cell of the same method, heterogeneity and seed first reached "
                  "the accuracy.", "")
@@ -616,7 +617,7 @@ class Page:
         self.add("## Run folders of the finished cells", "",
                  "done: run by the study in its own folder; reused: an equal finished run found elsewhere (the same "
                  "config on every key that changes results), read in place.", "")
-        rows = [[str(s.cell.priority), s.cell.name, s.state, f"[{_link(s.folder, self.page_dir)}]({_link(s.folder, self.page_dir)})"]
+        rows = [[str(s.cell.priority), s.cell.name, s.state, "[{0}]({0})".format(_link(s.folder, self.page_dir))]
                 for s in self.statuses if s.finished]
         self.add(*_table(["priority", "cell", "state", "run folder"], rows))
 
