@@ -12,9 +12,8 @@ from PIL import Image
 from torch import nn
 
 from fedmr.cli import main
-from fedmr.data import DataSet
+from fedmr.data import DataSet, dataset_from_arrays
 from fedmr.maths import draw_permutations, recombine, stack_states
-from fedmr.plugins import dataset_from_arrays
 
 
 def test_dataset_takes_features_and_tokens_and_keeps_channels_last_for_images_only():

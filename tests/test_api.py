@@ -171,8 +171,8 @@ def test_the_recorder_shared_with_the_flower_server_writes_tensorboard(tmp_path)
 
     from fedmr.algorithms import build_algorithm
     from fedmr.config import load_config
+    from fedmr.engine.experiment import prepare
     from fedmr.engine.recorder import Recorder
-    from fedmr.engine.simulator import prepare
     from fedmr.results import RunWriter
 
     cfg = load_config(None, ["num_clients=10", "clients_per_round=2", "rounds=2", "eval_every=1", "partition=iid",

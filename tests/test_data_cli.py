@@ -10,7 +10,7 @@ from PIL import Image
 
 from fedmr.cli import main
 from fedmr.config import load_config
-from fedmr.engine.simulator import prepare
+from fedmr.engine.experiment import prepare
 from fedmr.partition import load_partition
 
 

@@ -40,9 +40,9 @@ def no_data_loading(monkeypatch):
     def refuse(cfg):
         raise AssertionError("data were loaded before the bad input was reported")
 
-    import fedmr.engine.simulator as simulator
+    import fedmr.engine.experiment as experiment  # where prepare() loads the data
 
-    monkeypatch.setattr(simulator, "load_dataset", refuse)
+    monkeypatch.setattr(experiment, "load_dataset", refuse)
 
 
 # ---- output folders ----------------------------------------------------------------------------------

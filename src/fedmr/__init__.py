@@ -19,8 +19,9 @@ if TYPE_CHECKING:  # what an editor or type checker sees; at run time __getattr_
     from .algorithms.base import Algorithm, Federation, Options, TrainResult, TrainTask, option
     from .api import RunResult, compare, run
     from .callbacks import Callback
+    from .data import Arrays, DataLoader
     from .errors import ConfigError, DataError, FedMRError, PluginError
-    from .plugins import Arrays, DataLoader, ModelFactory
+    from .models import ModelFactory
     from .training import LocalSettings
 
 _EXPORTS = {
@@ -28,7 +29,7 @@ _EXPORTS = {
     "Algorithm": "algorithms.base", "Federation": "algorithms.base", "TrainTask": "algorithms.base",
     "TrainResult": "algorithms.base", "Options": "algorithms.base", "option": "algorithms.base",
     "LocalSettings": "training",
-    "ModelFactory": "plugins", "DataLoader": "plugins", "Arrays": "plugins", "Callback": "callbacks",
+    "ModelFactory": "models", "DataLoader": "data", "Arrays": "data", "Callback": "callbacks",
     "FedMRError": "errors", "ConfigError": "errors", "DataError": "errors", "PluginError": "errors",
 }
 __all__ = ["__version__", *_EXPORTS]

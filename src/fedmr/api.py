@@ -15,8 +15,9 @@ import torch
 
 from .callbacks import Callback, check_callbacks
 from .config import default_config, load_config, merge, validate
+from .data import IN_MEMORY, Arrays
 from .errors import ConfigError
-from .plugins import IN_MEMORY, Arrays, describe
+from .imports import describe
 
 Config = Mapping[str, Any] | str | Path | None
 ModelArg = Callable[..., torch.nn.Module] | str | None
@@ -63,7 +64,7 @@ def _config(config: Config) -> dict[str, Any]:
 def _overrides(cfg: dict[str, Any], model: ModelArg, data: DataArg) -> tuple[Any, Any]:
     """(model factory or None, DataSet or None) for prepare(); a string sets the config key instead.
     config.toml records a factory or loader by its import string ("module:function")."""
-    from .plugins import dataset_from_arrays
+    from .data import dataset_from_arrays
 
     if isinstance(model, str) or isinstance(data, str):
         if isinstance(model, str):
@@ -127,7 +128,8 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
     Raises:
         fedmr.FedMRError: a bad config, plug-in or data set (the CLI's one-line errors).
     """
-    from .engine.simulator import Simulation, check_output_folder, prepare
+    from .engine.experiment import prepare
+    from .engine.simulator import Simulation, check_output_folder
 
     if resume and out is None:
         raise ConfigError("resume=True continues the run in a results folder: give out=")

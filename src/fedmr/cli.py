@@ -107,7 +107,7 @@ def _assignments(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[st
 def resume_command(command: str, out: Path, cfg: dict[str, Any], specs: Sequence[str] = ()) -> str:
     """The command that resumes a stopped run, as it works pasted into a new shell in this folder:
     prefixed with the PYTHONPATH its plug-ins need (a new shell has none of this one's)."""
-    from .plugins import import_roots
+    from .imports import import_roots
 
     variants = {spec.partition("@")[0] for spec in specs}  # compare's plug-in variants, e.g. mine:Algo@beta=0.5
     roots = import_roots({**{name: {} for name in variants if ":" in name}, **cfg})

@@ -24,6 +24,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from .errors import ConfigError, did_you_mean
+from .imports import is_import_string, split_key
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,6 @@ def parse_assignment(item: str) -> tuple[list[str], Any]:
 def _key_parts(key: str) -> list[str]:
     """"fedmr.block_fraction" -> ["fedmr", "block_fraction"]; a plug-in algorithm's section keeps its
     dots: "pkg.mod:Algo.beta" -> ["pkg.mod:Algo", "beta"]."""
-    if ":" not in key:
-        return key.split(".")
-    from .plugins import split_key
-
     return split_key(key)
 
 
@@ -168,9 +165,7 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -
     for key, value in overrides.items():
         name = f"{where}{key}"
         if key not in base and not where and isinstance(value, Mapping) and ":" in key:
-            from .plugins import section_defaults  # a plug-in's options: its class or signature declares them
-
-            base[key] = section_defaults(key, f"[{key}]")
+            base[key] = section_defaults(key, f"[{key}]")  # a plug-in's options: its class or signature declares them
         if key not in base:
             sections = [k for k, v in base.items() if isinstance(v, dict)]
             if not where and isinstance(value, Mapping):
@@ -319,17 +314,11 @@ def _validate_plugins(cfg: dict[str, Any], training: bool = True) -> None:
     """The names of the algorithm, model and data set (built-in, or user code that must at least
     import and be callable: its contract is checked when it runs) and every plug-in's section, all
     before any data is loaded.  Without ``training``, only the data set."""
+    from .algorithms import algorithm_class, algorithm_defaults
     from .data import check_dataset_name
+    from .data.user import loader_defaults
+    from .imports import resolve_callable
     from .models import check_model_name
-    from .plugins import (
-        algorithm_class,
-        algorithm_defaults,
-        check_loader_options,
-        is_import_string,
-        is_loader_section,
-        loader_defaults,
-        resolve_callable,
-    )
 
     check_dataset_name(cfg["dataset"])
     if is_import_string(cfg["dataset"]):
@@ -365,3 +354,34 @@ def to_toml(cfg: Mapping[str, Any]) -> str:
 
 def algorithm_options(cfg: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
     return dict(cfg[name or cfg["algorithm"]])
+
+
+# ---- plug-in sections: ["pkg.mod:Class"] holds an algorithm's options, ["pkg.mod:loader"] a loader's
+def is_loader_section(spec: str) -> bool:
+    """Whether ``[spec]`` holds a data loader's options (it names a callable that is not an Algorithm)."""
+    from .algorithms.base import Algorithm
+    from .imports import resolve
+
+    obj = resolve(f"[{spec}]", spec)
+    return callable(obj) and not (isinstance(obj, type) and issubclass(obj, Algorithm))
+
+
+def section_defaults(spec: str, key: str) -> dict[str, Any]:
+    """The reference of a plug-in's config section ``[spec]``: an algorithm's options, or a data
+    loader's keyword options (from its signature)."""
+    from .algorithms import algorithm_defaults
+    from .data.user import loader_defaults
+
+    if is_loader_section(spec):
+        return loader_defaults(spec, key)
+    return algorithm_defaults(spec, key)
+
+
+def check_loader_options(spec: str, options: Mapping[str, Any]) -> None:
+    """The options of ``[spec]`` have the types of the loader's defaults (unknown keys are refused by the config)."""
+    from .data.user import loader_defaults
+
+    for name, default in loader_defaults(spec, f"[{spec}]").items():
+        if name in options:
+            _check_type(f"{spec}.{name}", options[name], default)
+

@@ -9,12 +9,14 @@ inputs every model is exactly the paper's."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, PluginError, did_you_mean
+from .imports import a_noun, describe, first_line, is_import_string, resolve_callable, where
 
 
 class FLModel(nn.Module):
@@ -253,3 +255,67 @@ def build_model(name: str, num_classes: int, in_channels: int | None = None, ima
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ---- user models: model = "pkg.mod:factory" or a factory object ----------------------------------
+class ModelFactory(Protocol):
+    """``factory(num_classes, input_shape) -> nn.Module``; ``input_shape`` excludes the batch dimension."""
+
+    def __call__(self, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module: ...
+
+
+def build_user_model(key: str, factory: Callable[..., Any], num_classes: int, input_shape: tuple[int, ...],
+                     label: str) -> nn.Module:
+    try:
+        model = factory(num_classes, tuple(input_shape))
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise PluginError(f"{where(key)}: {label}({num_classes}, {tuple(input_shape)}) raised "
+                          f"{first_line(exc)}") from None
+    if not isinstance(model, nn.Module):
+        raise PluginError(f"{where(key)}: {label}(num_classes, input_shape) returned "
+                          f"{a_noun(type(model).__name__)}, expected a torch.nn.Module")
+    return model
+
+
+def check_model_output(key: str, model: nn.Module, sample: torch.Tensor, num_classes: int, label: str) -> None:
+    """One forward pass on a batch of two samples (eval mode, no gradients): the output must be
+    (batch, num_classes) logits.  Run once, before round 1, so a bad model fails in a second."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as exc:  # noqa: BLE001 - the user's forward failed
+        raise PluginError(f"{where(key)}: {label} fails on a batch of samples of shape "
+                          f"{tuple(sample.shape)}: {first_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise PluginError(f"{where(key)}: {label} returned {a_noun(type(out).__name__)}, expected a tensor of logits")
+    want = (sample.shape[0], num_classes)
+    if tuple(out.shape) != want:
+        raise PluginError(f"{where(key)}: {label} gives output of shape {tuple(out.shape)} on a batch of "
+                          f"{sample.shape[0]}; expected (batch, num_classes) = {want}")
+    if not out.is_floating_point():
+        raise PluginError(f"{where(key)}: {label} gives {out.dtype} output; expected float logits")
+
+
+def model_builder(spec: str | Callable[..., Any], data: Any,
+                  key: str = "model") -> tuple[str, Callable[[], nn.Module], bool]:
+    """(the model's name, a zero-argument builder, whether it is user code to check on a sample batch)
+    for a built-in name, "auto", an import string or a factory object."""
+    shape = tuple(int(s) for s in data.train_x.shape[1:])
+    if isinstance(spec, str) and not is_import_string(spec):
+        name = data.default_model if spec == "auto" else spec
+        check_fits(name, shape)  # refuses a model that cannot take this data, before anything is built
+        return name, lambda: build_model(name, data.num_classes, input_shape=shape), False
+    if isinstance(spec, str):
+        factory, label = resolve_callable(key, spec), spec
+    else:
+        if isinstance(spec, nn.Module):
+            raise PluginError(f"{key}= takes a factory(num_classes, input_shape) or a class, not a built model; "
+                              f"wrap it: lambda num_classes, input_shape: {type(spec).__name__}(...)")
+        if not callable(spec):
+            raise PluginError(f"{key}= takes a factory(num_classes, input_shape) or a class, got {a_noun(type(spec).__name__)}")
+        factory, label = spec, describe(spec)
+    return label, lambda: build_user_model(key, factory, data.num_classes, shape, label), True

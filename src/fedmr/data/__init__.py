@@ -4,126 +4,26 @@ A loader returns a :class:`DataSet` whose samples are tensors resident in memory
 image sets: normalised float32 in channels_last memory), so the simulator draws a batch by
 indexing one tensor: no per-sample Dataset, no DataLoader, no decoding per round.  Samples may
 have any shape and dtype (float features, integer tokens); ``dataset = "pkg.mod:loader"`` names a
-user loader returning ``(train_x, train_y, test_x, test_y)`` (see :mod:`fedmr.plugins`).
+user loader returning ``(train_x, train_y, test_x, test_y)`` (see :mod:`fedmr.data.user`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from ..errors import ConfigError, DataError, did_you_mean
-
-
-@dataclass
-class DataSet:
-    name: str
-    train_x: torch.Tensor  # (N, *sample_shape); built-in images: (N, C, H, W) float32, channels_last
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    classes: list[str] = field(default_factory=list)
-    # Writers' own split where the data have one (FEMNIST): one index list per client.
-    natural_partition: list[list[int]] | None = None
-    default_model: str = "cnn"
-    # Per-channel (mean, std) the loader applied to pixels in [0, 1]; None where unknown.
-    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-
-    def __post_init__(self) -> None:
-        if self.train_x.shape[0] != self.train_y.shape[0] or self.test_x.shape[0] != self.test_y.shape[0]:
-            raise DataError(f"data set '{self.name}': samples and labels differ in number")
-        if self.train_x.dim() < 2 or self.train_x.shape[1:] != self.test_x.shape[1:]:
-            raise DataError(f"data set '{self.name}': train and test samples must share one shape, got "
-                            f"{tuple(self.train_x.shape)} and {tuple(self.test_x.shape)}")
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """One sample's shape, without the batch dimension: (C, H, W) for images, (F,) for features."""
-        return tuple(int(s) for s in self.train_x.shape[1:])
-
-    @property
-    def is_images(self) -> bool:
-        return self.train_x.dim() == 4
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train_x.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
-
-    def to(self, device: torch.device | str) -> DataSet:
-        """The same data on another device (the GPU keeps the whole data set resident)."""
-        def move(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(device)
-            return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-        return DataSet(self.name, move(self.train_x), move(self.train_y), move(self.test_x), move(self.test_y),
-                       self.num_classes, self.classes, self.natural_partition, self.default_model,
-                       self.normalization)
-
-
-def check_trainable(data: DataSet) -> list[str]:
-    """Refuse data on which a run cannot mean anything (an empty training or test set, samples of
-    two shapes, fewer than two classes to train on); return warnings for label slips that still
-    allow a run (classes with no training samples: one-based labels leave class 0 empty, and a
-    class seen only in the test set can never be predicted)."""
-    where = f"data set '{data.name}'"
-    if not len(data.train_y):
-        raise DataError(f"{where}: the training set holds no samples")
-    if not len(data.test_y):
-        raise DataError(f"{where}: the test set holds no samples; a run evaluates the global model on it")
-    if data.train_x.shape[1:] != data.test_x.shape[1:]:
-        raise DataError(f"{where}: train and test samples differ in shape: {tuple(data.train_x.shape[1:])} vs "
-                        f"{tuple(data.test_x.shape[1:])}")
-    train = torch.bincount(data.train_y.cpu(), minlength=data.num_classes)[: data.num_classes]
-    test = torch.bincount(data.test_y.cpu(), minlength=data.num_classes)[: data.num_classes]
-    present = int((train > 0).sum())
-    if present < 2:
-        raise DataError(f"{where}: the training set holds only {present} class; a classifier needs at least two")
-    warnings = []
-    empty = [c for c in range(data.num_classes) if train[c] == 0]
-    test_only = [c for c in empty if test[c] > 0]
-    unused = [c for c in empty if test[c] == 0]
-    if unused:
-        hint = " (are the labels one-based? they must be 0..C-1)" if unused[0] == 0 else ""
-        warnings.append(f"{where}: {_classes(unused, data)} no samples at all, though the labels run to "
-                        f"{data.num_classes - 1}{hint}; the model still has {data.num_classes} outputs")
-    if test_only:
-        count = int(test[test_only].sum())
-        warnings.append(f"{where}: {_classes(test_only, data)} samples in the test set only ({count} test "
-                        f"sample{'s' if count != 1 else ''}): no client can learn {'it' if len(test_only) == 1 else 'them'}")
-    return warnings
-
-
-def _classes(indices: list[int], data: DataSet) -> str:
-    names = [str(data.classes[c]) if c < len(data.classes) else str(c) for c in indices]
-    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-    return f"class {shown} has" if len(names) == 1 else f"classes {shown} have"
-
-
-def as_images(x: torch.Tensor) -> torch.Tensor:
-    """float32 in channels_last memory: max-pool and convolutions run several times faster so on CPU."""
-    return x.float().contiguous(memory_format=torch.channels_last)
-
-
-IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays from Python
-
-Loader = Callable[[Mapping[str, Any]], DataSet]
-DATASETS: dict[str, Loader] = {}
-
-
-def register(name: str) -> Callable[[Loader], Loader]:
-    def wrap(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+from ..errors import ConfigError
+from .base import (
+    DATASETS,
+    IN_MEMORY,
+    DataSet,
+    Loader,
+    as_images,
+    check_dataset_name,
+    check_trainable,
+    register,
+)
+from .user import Arrays, DataLoader, dataset_from_arrays, load_user_dataset
 
 
 def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
@@ -135,17 +35,8 @@ def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
         raise ConfigError(f"dataset = \"{IN_MEMORY}\": this run's data came as arrays from Python; pass them "
                           f"again, fedmr.run(..., data=(train_x, train_y, test_x, test_y))")
     if ":" in name:
-        from ..plugins import load_user_dataset
-
         return load_user_dataset(name, cfg=cfg)
     return DATASETS[name](cfg)
-
-
-def check_dataset_name(name: str) -> None:
-    """A built-in data set's name or an import string (which the plug-in checks resolve)."""
-    if ":" not in name and name not in DATASETS and name != IN_MEMORY:
-        raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))}, or name your own "
-                          f"loader as 'package.module:loader'){did_you_mean(name, DATASETS)}")
 
 
 # registration order: the embedded data set first
@@ -153,3 +44,6 @@ def check_dataset_name(name: str) -> None:
 from . import digits  # noqa: E402,F401  (registers the embedded data set)
 from . import cifar, femnist, imagefolder  # noqa: E402,F401  (register the real data sets)
 # isort: on
+
+__all__ = ["DATASETS", "IN_MEMORY", "Arrays", "DataLoader", "DataSet", "Loader", "as_images", "check_dataset_name",
+           "check_trainable", "dataset_from_arrays", "load_dataset", "load_user_dataset", "register"]

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import DataError
 from ..fileio import file_digest
-from . import DataSet, normalization, register
+from . import normalization
+from .base import DataSet, register
 
 DOWNLOAD_TIMEOUT_S = 30
 

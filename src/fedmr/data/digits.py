@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import DataSet, normalization, register
+from . import normalization
+from .base import DataSet, register
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed, independent of the run's seed, so partition files stay valid

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import DataSet, cache, normalization, register
+from . import cache, normalization
+from .base import DataSet, register
 
 SIDE = 28
 NUM_CLASSES = 62

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from ..errors import DataError
-from . import DataSet, cache, normalization, register
+from . import cache, normalization
+from .base import DataSet, register
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import as_images
+from .base import as_images
 
 # name -> (mean, std) per channel, applied as (x - mean) / std to pixels in [0, 1].
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

@@ -2,8 +2,9 @@
 loop and comparisons (see docs/architecture.md)."""
 
 from .compare import ComparisonOutcome, run_comparison
+from .experiment import Experiment, prepare
 from .recorder import Recorder
-from .simulator import Experiment, RunOutcome, Simulation, prepare, run_experiment
+from .simulator import RunOutcome, Simulation, run_experiment
 
 __all__ = ["ComparisonOutcome", "Experiment", "Recorder", "RunOutcome", "Simulation", "prepare", "run_comparison",
            "run_experiment"]

@@ -30,7 +30,8 @@ from ..fileio import atomic_write_text, check_writable_folder
 from ..partition import format_summary
 from ..results import comparison_table, read_metrics, setting_title, write_plot
 from .checkpoint import RESUMABLE_CHANGES
-from .simulator import Simulation, prepare, stop_on_signals
+from .experiment import prepare
+from .simulator import Simulation, stop_on_signals
 
 COMPARE_FILE = "compare.json"  # the variants of a comparison, beside its base config.toml
 

@@ -17,13 +17,13 @@ import torch
 
 from ..algorithms.base import Algorithm
 from ..callbacks import close_callbacks, run_callbacks
-from ..plugins import IN_MEMORY
+from ..data import IN_MEMORY
 from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 
-if TYPE_CHECKING:  # the simulator imports this module; the recorder only reads an Experiment
-    from .simulator import Experiment
+if TYPE_CHECKING:  # the recorder only reads an Experiment
+    from .experiment import Experiment
 
 Row = dict[str, Any]
 RowCallback = Callable[[Row], None]

@@ -15,101 +15,31 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from ..algorithms import Federation, TrainResult, TrainTask, build_algorithm
+from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
 from ..config import load_config
-from ..data import DataSet, check_trainable, load_dataset
+from ..data import DataSet
 from ..errors import CheckpointError, ConfigError
 from ..fileio import check_writable_folder
 from ..maths import State
-from ..partition import Partition, config_json, format_summary, make_partition, summarize
-from ..plugins import check_model_output, model_builder
+from ..partition import format_summary
 from ..results import RunWriter
-from ..seeding import derive_seed, numpy_rng, torch_generator
-from ..training import LocalSettings, clone_state
+from ..seeding import numpy_rng, torch_generator
+from ..training import LocalSettings
 from .client import ClientData
+from .experiment import Experiment, prepare
 from .recorder import Recorder, RowCallback
+from .rounds import RoundFold, plan_round
 from .runner import make_runner
-from .traffic import Traffic, result_bytes
-from .validation import update_problem
 
 log = logging.getLogger("fedmr")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device = \"cuda\" but no CUDA GPU is available (use \"cpu\" or \"auto\")")
-    return torch.device(name)
-
-
-@dataclass
-class Experiment:
-    """Everything a run needs before its first round; shared by the runs of ``compare``."""
-
-    cfg: dict[str, Any]
-    data: DataSet
-    partition: Partition
-    partition_summary: dict[str, Any]
-    model_name: str
-    initial_state: State
-    device: torch.device
-    build: Callable[[], torch.nn.Module] | None = field(default=None, repr=False)  # a fresh model (any kind)
-
-    @property
-    def federation(self) -> Federation:
-        labels = self.data.train_y.cpu().numpy()
-        counts = tuple(tuple(int(c) for c in np.bincount(labels[p], minlength=self.data.num_classes)) for p in self.partition)
-        return Federation(
-            num_clients=self.cfg["num_clients"],
-            clients_per_round=self.cfg["clients_per_round"],
-            client_sizes=tuple(len(p) for p in self.partition),
-            num_classes=self.data.num_classes,
-            seed=self.cfg["seed"],
-            label_counts=counts,
-        )
-
-    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
-        """The results folder's record of who holds which data: partition.json (each client's sample
-        indices, the authors' format) and its summary.  An experiment whose clients hold their data
-        themselves (a Flower federation of sites) writes what it knows instead."""
-        writer.write_partition(config_json(self.partition, cfg), self.partition_summary)
-
-    def new_model(self) -> torch.nn.Module:
-        assert self.build is not None, "an Experiment is made by prepare()"
-        model = self.build()
-        model.load_state_dict(self.initial_state)
-        # channels_last touches 4-D (convolution) weights only, so other models stay as they are
-        return model.to(self.device, memory_format=torch.channels_last)
-
-
-def prepare(cfg: dict[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:
-    """Load data, draw the partition and the initial model, all from the config's seed.  ``data`` and
-    ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``."""
-    device = resolve_device(cfg["device"])
-    data = data if data is not None else load_dataset(cfg)
-    for warning in check_trainable(data):
-        log.warning("%s", warning)
-    labels = data.train_y.cpu().numpy()
-    partition = make_partition(cfg, labels, data.natural_partition)
-    summary = summarize(partition, labels, data.num_classes)
-    model_name, build, user_code = model_builder(model if model is not None else cfg["model"], data)
-    torch.manual_seed(derive_seed(cfg["seed"], "init"))
-    net = build()
-    if user_code:  # once, before round 1: a user model must map a batch to (batch, num_classes) logits
-        check_model_output("model", net, data.train_x[:2], data.num_classes, model_name)
-    initial = {k: v.to(device) for k, v in clone_state(net).items()}  # so the server's pool lives on the device too
-    return Experiment(cfg, data.to(device), partition, summary, model_name, initial, device, build)
 
 
 @dataclass
@@ -162,35 +92,16 @@ class Simulation:
     def rows(self) -> list[dict[str, Any]]:
         return self.recorder.rows
 
-    # ---- one round ---------------------------------------------------------------------
-    def _validated(self, results: Iterable[TrainResult], tasks: list[TrainTask], counts: dict[str, Any]) -> Iterator[TrainResult]:
-        limit = float(self.cfg["max_update_norm"])
-        for result in results:
-            counts["delivered"] += 1
-            counts["up"] += result_bytes(result)  # received, whether or not it passes validation
-            problem = update_problem(result, self.exp.initial_state, limit, tasks[result.slot].state)
-            if problem is not None:
-                log.warning("round %d: rejected the update of client %d: %s", counts["round"] + 1, result.client_id, problem)
-                counts["rejected"] += 1
-                continue
-            counts["losses"].append(result.train_loss)
-            yield result
-
+    # ---- one round: the shared protocol (engine/rounds.py), the clients trained by the runner ----
     def run_round(self, round_idx: int) -> dict[str, Any]:
         seed = self.cfg["seed"]
-        clients = self.algorithm.select_clients(round_idx, numpy_rng(seed, "select", round_idx))
-        tasks = self.algorithm.configure_train(round_idx, clients)
-        lost = dropped_clients(seed, round_idx, clients, self.cfg["dropout_rate"])
-        live = [task for task in tasks if task.client_id not in lost]
-        counts: dict[str, Any] = {"round": round_idx, "rejected": 0, "delivered": 0, "losses": [], "up": 0}
-        traffic = Traffic.of_tasks(tasks, self.algorithm.client_held)  # sent to every selected client
-        results = self._validated(self.runner.run(round_idx, live), tasks, counts)
+        plan = plan_round(self.algorithm, round_idx, seed)
+        lost = dropped_clients(seed, round_idx, plan.clients, self.cfg["dropout_rate"])
+        live = [task for task in plan.tasks if task.client_id not in lost]
+        fold = RoundFold(plan, self.exp.initial_state, float(self.cfg["max_update_norm"]))
+        results = fold.stream(self.runner.run(round_idx, live))
         used = self.algorithm.aggregate_train(round_idx, results, torch_generator(seed, "server", round_idx))
-        losses = counts["losses"]
-        traffic.up = counts["up"]
-        # dropped: selected but nothing came back (dropout_rate, or a straggler past client_timeout)
-        return {"clients": used, "rejected": counts["rejected"], "dropped": len(tasks) - counts["delivered"],
-                "train_loss": sum(losses) / len(losses) if losses else float("nan"), **traffic.stats()}
+        return fold.stats(used).as_row()
 
     def evaluate(self) -> tuple[float, float]:
         return self.recorder.evaluate()

@@ -38,8 +38,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from ..algorithms.base import Federation, TrainResult
 from ..algorithms.fedindep import FedIndep as FedIndepAlgorithm
 from ..algorithms.fedmr import FedMR as FedMRAlgorithm
+from ..engine.rounds import RoundFold, RoundPlan, plan_round
 from ..engine.traffic import Traffic
-from ..engine.validation import update_problem
 from ..maths import State
 from .task import message_array_bytes
 
@@ -87,6 +87,7 @@ class FedIndep(FedAvg):
         self.slot_of: dict[int, int] = {}  # node id -> pool slot, this round
         self.last_round: dict[str, float] = {}  # the last round's counts and MB down/up (engine/traffic.py)
         self.traffic = Traffic()
+        self.plan: RoundPlan | None = None  # this round's (engine/rounds.py)
         self.rejected = self.dropped = 0  # over the whole run
 
     # ---- the run ----------------------------------------------------------------------
@@ -121,50 +122,40 @@ class FedIndep(FedAvg):
         self.algorithm.resize_pool(k)
         log.info("configure_train: Sampled %s nodes (out of %s)", k, len(connected))
         config["server-round"] = server_round
-        tasks = self.algorithm.configure_train(server_round - 1, list(range(k)))
-        self.slot_of = {node: task.slot for node, task in zip(node_ids, tasks)}
+        # the round protocol (engine/rounds.py): Flower sampled the nodes, so slot i is the i-th node's
+        self.plan = plan_round(self.algorithm, server_round - 1, clients=list(range(k)))
+        self.slot_of = {node: task.slot for node, task in zip(node_ids, self.plan.tasks)}
         messages = [Message(RecordDict({self.arrayrecord_key: ArrayRecord({k: v.detach().cpu() for k, v in task.state.items()}),
                                         self.configrecord_key: ConfigRecord(dict(config))}),
                             dst_node_id=node, message_type=MessageType.TRAIN)
-                    for node, task in zip(node_ids, tasks)]
-        self.traffic = Traffic(sum(message_array_bytes(m.content) for m in messages))
+                    for node, task in zip(node_ids, self.plan.tasks)]
+        self.traffic = self.plan.traffic = Traffic(sum(message_array_bytes(m.content) for m in messages))
         return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sound replies go back into their slots, then the algorithm mixes; returns the pool mean."""
-        assert self.algorithm is not None
-        results: dict[int, TrainResult] = {}
+        assert self.algorithm is not None and self.plan is not None
+        fold = RoundFold(self.plan, self.reference)  # checked and counted as in the simulator (engine/rounds.py)
         used: list[RecordDict] = []
-        rejected = 0
         for reply in replies:
-            if not reply.has_error():  # received, whether or not it passes the checks
-                self.traffic.up += message_array_bytes(reply.content)
             node = reply.metadata.src_node_id
             slot = self.slot_of.get(node)
             problem, state, weight = reply_problem(reply, self.weighted_by_key)
-            if problem is None and (slot is None or slot in results):
-                problem = "this node was not asked this round, or answered twice"
-            if problem is None:
-                result = TrainResult(slot, slot, state, int(weight))
-                problem = update_problem(result, self.reference, 0.0, None)
-            if problem is not None:
-                rejected += 1
-                log.warning("round %d: rejected the reply of node %d: %s; its slot keeps its model",
-                            server_round, node, problem)
-                continue
-            results[slot] = result
-            used.append(reply.content)
-        dropped = len(self.slot_of) - len(results) - rejected
-        if dropped > 0:
-            log.warning("round %d: %d of %d nodes did not reply in time; their slots keep their models",
-                        server_round, dropped, len(self.slot_of))
-        self.last_round = {"clients": len(results), "rejected": rejected, "dropped": max(dropped, 0),
-                           **self.traffic.stats()}
-        self.rejected += rejected
-        self.dropped += max(dropped, 0)
+            if problem is None and slot is None:
+                problem = "this node was not asked this round"
+            result = TrainResult(slot, slot, state, int(weight)) if problem is None else None
+            received = 0 if reply.has_error() else message_array_bytes(reply.content)  # sound or not
+            if fold.offer(result, received=received, problem=problem, sender=f"the reply of node {node}",
+                          note="; its slot keeps its model") is not None:
+                used.append(reply.content)
+        fold.warn_missing("nodes")
+        # the quickstart's replies carry no train loss this strategy reads: the row leaves it out
+        self.last_round = {k: v for k, v in fold.stats(len(fold.accepted)).as_row().items() if k != "train_loss"}
+        self.rejected += fold.rejected
+        self.dropped += fold.dropped
         generator = torch.Generator().manual_seed(random.getrandbits(63))  # seed Python's random to repeat a run
-        self.algorithm.aggregate_train(server_round - 1, (results[s] for s in sorted(results)), generator)
+        self.algorithm.aggregate_train(server_round - 1, iter(fold.in_slot_order()), generator)
         metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
         return ArrayRecord({k: v.detach().cpu() for k, v in self.algorithm.global_state().items()}), metrics
 

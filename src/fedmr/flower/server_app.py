@@ -21,8 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import Federation, build_algorithm
 from ..data import DataSet
+from ..engine.experiment import Experiment, prepare, resolve_device
 from ..engine.recorder import Recorder
-from ..engine.simulator import Experiment, prepare, resolve_device
 from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
 from ..results import RunWriter, default_run_dir

@@ -71,7 +71,7 @@ def node_data_dir(node_config: Mapping[str, Any]) -> str:
 @functools.lru_cache(maxsize=2)
 def cached_site(config_key: str, path: str) -> SiteData:
     """One load per ClientApp process, run config and folder (a long-lived ClientApp reuses it)."""
-    from ..engine.simulator import resolve_device
+    from ..engine.experiment import resolve_device
 
     cfg = json.loads(config_key)
     site = read_site(cfg, path)
@@ -145,7 +145,7 @@ def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
     plug-in) resolved as ``engine.simulator.prepare`` resolves it, from the shape the sites report."""
     from types import SimpleNamespace
 
-    from ..plugins import model_builder
+    from ..models import model_builder
 
     probe = SimpleNamespace(train_x=torch.zeros(0, *shape), num_classes=num_classes, default_model=default_model)
     name, build, _ = model_builder(cfg["model"], probe)

@@ -30,8 +30,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
+from ..engine.rounds import RoundFold, RoundPlan, plan_round
 from ..engine.traffic import Traffic, held_bytes
-from ..engine.validation import update_problem
 from ..errors import ConfigError, DataError
 from ..maths import State
 from ..seeding import numpy_rng, torch_generator
@@ -149,8 +149,7 @@ class AlgorithmStrategy(Strategy):
         if not self.node_of:
             self.discover(grid)
         round_idx = self.rounds_before + server_round - 1
-        clients = self.algorithm.select_clients(round_idx, numpy_rng(self.seed, "select", round_idx))
-        self.tasks = self.algorithm.configure_train(round_idx, clients)
+        self.tasks = plan_round(self.algorithm, round_idx, self.seed).tasks  # the round protocol (engine/rounds.py)
         self.sent = [Message(encode_task(task, round_idx), dst_node_id=self.node_of[task.client_id],
                              message_type=MessageType.TRAIN) for task in self.tasks]
         held = self.algorithm.client_held  # the client's own state in the payload (engine/traffic.py)
@@ -163,51 +162,44 @@ class AlgorithmStrategy(Strategy):
                                          "slot": task.slot, "sha256": state_digest(task.state)}) + "\n")
         return self.sent
 
+    def fold(self, round_idx: int, replies: Iterable[Message]) -> RoundFold:
+        """The round's replies through the shared fold (engine/rounds.py): decoded here, checked and
+        counted there."""
+        fold = RoundFold(RoundPlan(round_idx, [t.client_id for t in self.tasks], self.tasks, self.traffic),
+                         self.reference, self.max_update_norm)
+        for reply in replies:
+            sender = f"a reply from node {reply.metadata.src_node_id}"
+            received = 0 if reply.has_error() else message_array_bytes(reply.content)  # sound or not
+            problem, result = self._decode(reply)
+            fold.offer(result, received=received, problem=problem, sender=sender)
+        fold.warn_missing()
+        return fold
+
     def accepted(self, round_idx: int, replies: Iterable[Message]) -> tuple[list[TrainResult], int, int]:
         """The sound results of a round in slot order (as the simulator folds them), how many
         replies were refused (failed, malformed or rejected by ``update_problem``) and how many never came."""
-        by_slot: dict[int, TrainResult] = {}
-        refused = 0
-        for reply in replies:
-            if not reply.has_error():  # received, whether or not it passes the checks
-                self.traffic.up += message_array_bytes(reply.content)
-            problem, result = self._check(reply)
-            if problem is None and result.slot in by_slot:
-                problem = f"a second result for slot {result.slot}"
-            if problem is not None:
-                refused += 1
-                log.warning("round %d: rejected a reply from node %s: %s", round_idx + 1,
-                            reply.metadata.src_node_id, problem)
-                continue
-            by_slot[result.slot] = result
-        missing = len(self.tasks) - len(by_slot) - refused
-        if missing > 0:
-            log.warning("round %d: %d of %d clients did not reply in time; their slots keep their models",
-                        round_idx + 1, missing, len(self.tasks))
-        return [by_slot[s] for s in sorted(by_slot)], refused, max(missing, 0)
+        fold = self.fold(round_idx, replies)
+        return fold.in_slot_order(), fold.rejected, fold.dropped
 
-    def _check(self, reply: Message) -> tuple[str | None, TrainResult | None]:
+    @staticmethod
+    def _decode(reply: Message) -> tuple[str | None, TrainResult | None]:
         if reply.has_error():
             return f"the client failed: {reply.error.reason}", None
         try:
-            result = decode_result(reply.content)
+            return None, decode_result(reply.content)
         except KeyError as exc:
             return f"malformed reply: no \"{exc.args[0]}\"", None
         except (TypeError, ValueError) as exc:
             return f"malformed reply ({type(exc).__name__}: {exc})", None
-        if not 0 <= result.slot < len(self.tasks) or self.tasks[result.slot].client_id != result.client_id:
-            return f"client {result.client_id} / slot {result.slot} was not asked this round", None
-        return update_problem(result, self.reference, self.max_update_norm, self.tasks[result.slot].state), result
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_idx = self.rounds_before + server_round - 1
-        results, refused, missing = self.accepted(round_idx, replies)
-        losses = [r.train_loss for r in results]
+        fold = self.fold(round_idx, replies)
+        results = fold.in_slot_order()
         used = self.algorithm.aggregate_train(round_idx, iter(results), torch_generator(self.seed, "server", round_idx))
-        self.last_round = {"clients": used, "rejected": refused, "dropped": missing,
-                           "train_loss": sum(losses) / len(losses) if losses else float("nan"), **self.traffic.stats()}
-        metrics = MetricRecord({"clients": used, "rejected": refused})
-        if losses:
+        self.last_round = fold.stats(used).as_row()
+        metrics = MetricRecord({"clients": used, "rejected": fold.rejected})
+        if results:
             metrics["train_loss"] = self.last_round["train_loss"]
         return ArrayRecord({k: v.detach().cpu() for k, v in self.algorithm.global_state().items()}), metrics
 

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..algorithms.base import TrainResult, TrainTask
 from ..config import default_config, merge, validate
-from ..engine.simulator import Experiment, prepare
+from ..engine.experiment import Experiment, prepare
 from ..errors import ConfigError
 
 # Flower-only settings (not part of a fedmr config); the defaults suit a small simulation.
@@ -75,7 +75,7 @@ def _section_split(key: str) -> tuple[str, str, str]:
     its dots: "pkg.mod:Algo.beta" -> ("pkg.mod:Algo", ".", "beta")."""
     if ":" not in key:
         return key.partition(".")
-    from ..plugins import split_key
+    from ..imports import split_key
 
     head, *rest = split_key(key)
     return head, "." if rest else "", ".".join(rest)
