@@ -142,7 +142,7 @@ def site_federation(cfg: Mapping[str, Any], sites: Sequence[tuple[int, Mapping[s
 def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
                default_model: str) -> tuple[str, Callable[[], torch.nn.Module]]:
     """(the model's name, a builder) for the sites' samples: the config's model (a built-in, "auto" or a
-    plug-in) resolved as ``engine.simulator.prepare`` resolves it, from the shape the sites report."""
+    plug-in) resolved as ``engine.experiment.prepare`` resolves it, from the shape the sites report."""
     from types import SimpleNamespace
 
     from ..models import model_builder
@@ -153,6 +153,6 @@ def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
 
 
 def initial_state(cfg: Mapping[str, Any], build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """The initial model drawn from the config's seed, as ``engine.simulator.prepare`` draws it."""
+    """The initial model drawn from the config's seed, as ``engine.experiment.prepare`` draws it."""
     torch.manual_seed(derive_seed(cfg["seed"], "init"))
     return clone_state(build())

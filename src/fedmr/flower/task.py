@@ -4,7 +4,7 @@ The run config is ``[tool.flwr.app.config]`` (plus ``flwr run --run-config``):
 the keys of ``fedmr run`` flat, an algorithm's options as dotted keys
 ("fedmr.block_fraction"), and a few Flower-only keys under ``flower.``.
 Both sides rebuild the same experiment (data, partition, initial model) from
-it with ``engine.simulator.prepare``, so the partition a node trains on is the
+it with ``engine.experiment.prepare``, so the partition a node trains on is the
 one the server's config produces.
 """
 
