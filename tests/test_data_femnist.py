@@ -73,7 +73,7 @@ def test_natural_partition_is_one_client_per_writer(tmp_path):
     data = load_dataset(cfg(root))
     config = load_config(None, ['dataset="femnist"', 'partition="natural"', "num_clients=3", "clients_per_round=1"])
     assert make_partition(config, data.train_y.numpy(), data.natural_partition) == [[0, 1, 2], [3, 4], [5, 6, 7, 8]]
-    config["num_clients"] = 4
+    config = config.replace(num_clients=4)
     with pytest.raises(PartitionError, match="has 3 clients; set num_clients = 3"):
         make_partition(config, data.train_y.numpy(), data.natural_partition)
 

@@ -118,7 +118,7 @@ def test_cache_location(tmp_path, monkeypatch, decodes):
     load_dataset(config(root, cache_dir=str(elsewhere)))
     assert len(list(elsewhere.iterdir())) == 1 and not (root / cache.CACHE_FOLDER).exists()
     monkeypatch.setenv("FEDMR_CACHE", str(tmp_path / "envcache"))
-    assert cache.cache_root(root, {"cache_dir": ""}) == tmp_path / "envcache"
+    assert cache.cache_root(root, "") == tmp_path / "envcache"
     monkeypatch.delenv("FEDMR_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     readonly = tmp_path / "ro"
@@ -126,10 +126,10 @@ def test_cache_location(tmp_path, monkeypatch, decodes):
     (readonly / "data.tar.gz").write_bytes(b"")
     readonly.chmod(0o555)  # read-only (root could still write: the mode decides)
     try:
-        assert cache.cache_root(readonly / "data.tar.gz", {}) == tmp_path / "home" / ".cache" / "fedmr"
+        assert cache.cache_root(readonly / "data.tar.gz") == tmp_path / "home" / ".cache" / "fedmr"
     finally:
         readonly.chmod(0o755)
-    assert cache.cache_root(root / "x.tar.gz", {}) == root / cache.CACHE_FOLDER
+    assert cache.cache_root(root / "x.tar.gz") == root / cache.CACHE_FOLDER
 
 
 def test_grayscale_images_give_one_channel(tmp_path):

@@ -11,7 +11,7 @@ import tomli_w
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fedmr.config import default_config, load_config, merge, parse_assignment, validate
+from fedmr.config import RunConfig, default_config, load_config, merge, parse_assignment, validate
 from fedmr.engine.checkpoint import read_checkpoint
 from fedmr.engine.compare import parse_variant
 from fedmr.errors import CheckpointError, FedMRError, PartitionError
@@ -68,7 +68,7 @@ def test_random_config_files_give_a_config_or_a_config_error(doc):
     except (TypeError, ValueError):  # not representable in TOML (e.g. NaN inside arrays of mixed types)
         return
     cfg = _only_project_errors(load_config, _write("c.toml", text))
-    assert cfg is None or isinstance(cfg, dict)
+    assert cfg is None or isinstance(cfg, RunConfig)
 
 
 @FUZZ

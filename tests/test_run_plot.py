@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from fedmr.cli import main
+from fedmr.config import default_config
 from fedmr.results import MARKER_POINTS, accuracy_figure, setting_title
 
 TINY = ["num_clients=6", "clients_per_round=3", "rounds=3", "local_epochs=1", "eval_every=1", "workers=1"]
@@ -110,7 +111,7 @@ def test_the_plot_has_whole_round_ticks_markers_on_short_runs_and_names_model_an
 
 
 def test_titles_name_model_data_and_split():
-    cfg = {"num_clients": 100, "partition": "dirichlet", "alpha": 0.1}
+    cfg = {**default_config(), "num_clients": 100, "partition": "dirichlet", "alpha": 0.1}
     assert setting_title(cfg, "cnn", "cifar10") == "cnn on cifar10 (dirichlet alpha 0.1, 100 clients)"
     assert setting_title({**cfg, "partition": "iid"}, "mlp", "digits", 20) == "mlp on digits (iid, 20 clients)"
     assert setting_title(cfg, "cnn", "sites", 3, clients_hold_data=True) == \

@@ -96,7 +96,7 @@ def test_auto_does_not_vectorize_on_a_cpu_but_true_does():
     algorithm = build_algorithm(cfg, Federation(5, 5, tuple(SIZES), 10, 1))
     data = ragged_clients()
     assert isinstance(make_runner(cfg, algorithm, CNN(), data, LocalSettings()), SequentialRunner)
-    cfg["vectorize"] = True
+    cfg = cfg.replace(vectorize=True)
     assert isinstance(make_runner(cfg, algorithm, CNN(), data, LocalSettings()), VectorizedRunner)
 
 

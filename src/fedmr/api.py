@@ -4,6 +4,7 @@ with your own model factory and data passed as Python objects (see docs/api.md).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from .callbacks import Callback, check_callbacks
-from .config import default_config, load_config, merge, validate
+from .config import RunConfig, default_config, load_config, merge, validate
 from .data import IN_MEMORY, Arrays
 from .errors import ConfigError
 from .imports import describe
@@ -47,7 +48,7 @@ class RunResult:
         return float(self.summary["final_accuracy"])
 
 
-def _config(config: Config) -> dict[str, Any]:
+def _config(config: Config) -> RunConfig:
     """A config dict (the TOML file's keys, nested sections), a path to a TOML file, or None (defaults)."""
     if config is None:
         return load_config()
@@ -61,32 +62,29 @@ def _config(config: Config) -> dict[str, Any]:
     return validate(merge(default_config(), copy.deepcopy(given)))
 
 
-def _overrides(cfg: dict[str, Any], model: ModelArg, data: DataArg) -> tuple[Any, Any]:
-    """(model factory or None, DataSet or None) for prepare(); a string sets the config key instead.
-    config.toml records a factory or loader by its import string ("module:function")."""
-    from .data import dataset_from_arrays
+def _overrides(cfg: RunConfig, model: ModelArg, data: DataArg) -> tuple[RunConfig, Any, Any]:
+    """(config, model factory or None, DataSet or None) for prepare(); a string sets the config key
+    instead.  config.toml records a factory or loader by its import string ("module:function")."""
+    from .data import DataSet, dataset_from_arrays
 
-    if isinstance(model, str) or isinstance(data, str):
-        if isinstance(model, str):
-            cfg["model"] = model
-        if isinstance(data, str):
-            cfg["dataset"] = data
-        validate(cfg)
+    if isinstance(model, str):
+        cfg = cfg.replace(model=model)
+    if isinstance(data, str):
+        cfg = cfg.replace(dataset=data)
     factory = None if isinstance(model, str) else model
+    names: dict[str, Any] = {}  # what config.toml records for objects given here (not checked again: they are given)
     if factory is not None:
-        cfg["model"] = describe(factory)
-    from .data import DataSet
-
+        names["model"] = describe(factory)
     dataset = None
     if isinstance(data, DataSet):  # already checked (e.g. fedmr.data.load_dataset's result)
-        cfg["dataset"], dataset = data.name if ":" not in data.name else IN_MEMORY, data
+        names["dataset"], dataset = data.name if ":" not in data.name else IN_MEMORY, data
     elif callable(data):
-        cfg["dataset"] = describe(data)
+        names["dataset"] = describe(data)
         dataset = dataset_from_arrays("data", _call_loader(data), getattr(data, "__name__", "data"))
     elif data is not None and not isinstance(data, str):
-        cfg["dataset"] = IN_MEMORY  # config.toml records that the data came from Python
+        names["dataset"] = IN_MEMORY  # config.toml records that the data came from Python
         dataset = dataset_from_arrays("data", data, "data")
-    return factory, dataset
+    return dataclasses.replace(cfg, **names), factory, dataset
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:
@@ -136,7 +134,7 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
     cfg = _config(config)
     if out is not None:
         check_output_folder(out, resume)
-    factory, dataset = _overrides(cfg, model, data)
+    cfg, factory, dataset = _overrides(cfg, model, data)
     exp = prepare(cfg, data=dataset, model=factory)
     outcome = Simulation(exp, out_dir=out, progress=_progress(progress), on_row=_checked(callbacks),
                          resume=resume).run()
@@ -183,7 +181,7 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
     if resume and out is None:
         raise ConfigError("resume=True continues the comparison in its folder: give out=")
     cfg = _config(config)
-    factory, dataset = _overrides(cfg, model, data)
+    cfg, factory, dataset = _overrides(cfg, model, data)
     specs = [describe(a) if isinstance(a, type) else str(a).strip() for a in algorithms]
     specs = [s for s in specs if s]
     if not specs:

@@ -4,7 +4,7 @@ place to log to TensorBoard, W&B or MLflow; and the built-in one, ``tensorboard 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,10 @@ def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:
     return list(callbacks)
 
 
-def run_callbacks(cfg: Mapping[str, Any], out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
-    """The user's callbacks plus the built-in ones the config asks for."""
+def run_callbacks(tensorboard: bool, out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
+    """The user's callbacks plus the built-in ones the config asks for (``tensorboard = true``)."""
     chosen = check_callbacks(callbacks)
-    if cfg.get("tensorboard"):
+    if tensorboard:
         if out_dir is None:
             raise ConfigError(
                 "tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def _assignments(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[st
     return assignments
 
 
-def resume_command(command: str, out: Path, cfg: dict[str, Any], specs: Sequence[str] = ()) -> str:
+def resume_command(command: str, out: Path, cfg: Mapping[str, Any], specs: Sequence[str] = ()) -> str:
     """The command that resumes a stopped run, as it works pasted into a new shell in this folder:
     prefixed with the PYTHONPATH its plug-ins need (a new shell has none of this one's)."""
     from .imports import import_roots
@@ -126,14 +126,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = resumed_config(out, assignments)
     else:
         cfg = load_config(args.config, assignments)
-        out = Path(args.out) if args.out else default_run_dir(cfg["algorithm"], cfg["dataset"])
+        out = Path(args.out) if args.out else default_run_dir(cfg.algorithm, cfg.dataset)
     outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume))
     if outcome.stopped_after is not None:
-        print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg['rounds']}; checkpoint saved in "
+        print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg.rounds}; checkpoint saved in "
               f"{out / 'checkpoints'}\nresume with: {resume_command('run', out, cfg)}", file=sys.stderr)
         return 128 + outcome.stop_signal
     s = outcome.summary
-    print(f"{cfg['algorithm']}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
+    print(f"{cfg.algorithm}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
           f"(round {s['best_round']}), {s['wall_seconds']:.1f}s -> {out}")
     return 0
 
@@ -157,7 +157,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         specs = [s.strip() for s in args.algorithms.split(",") if s.strip()]
         if not specs:
             raise ConfigError("--algorithms is empty")
-        out = Path(args.out) if args.out else default_run_dir("compare", cfg["dataset"])
+        out = Path(args.out) if args.out else default_run_dir("compare", cfg.dataset)
     outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
     if outcome.stop_signal:
         print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
@@ -187,7 +187,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     data = load_dataset(cfg)
     seconds = time.perf_counter() - start
     names = ", ".join(data.classes[:20]) + (", ..." if len(data.classes) > 20 else "")
-    where = "" if cfg["dataset"] == "digits" or ":" in cfg["dataset"] else f" from {cfg['data_dir']}"
+    where = "" if cfg.dataset == "digits" or ":" in cfg.dataset else f" from {cfg.data_dir}"
     print(f"{data.name}{where} (loaded in {seconds:.1f} s)")
     kind = "images" if data.is_images else "samples"
     shape = "x".join(map(str, data.input_shape)) if data.is_images else f"of shape {data.input_shape} {data.train_x.dtype}"
@@ -197,7 +197,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         mean, std = raw_channel_stats(data.train_x, data.normalization)
         print(f"train pixel mean per channel (0..1): {channels(mean)}")
         print(f"train pixel std per channel (0..1):  {channels(std)}")
-        print(f"normalization: {cfg['normalization']} ({describe(data.normalization)})")
+        print(f"normalization: {cfg.normalization} ({describe(data.normalization)})")
     if data.is_images:  # per-channel statistics mean something for images only
         mean, std = raw_channel_stats(data.train_x, None)
         print(f"normalised train mean per channel: {channels(mean)}; std: {channels(std)}")
@@ -231,7 +231,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     parts = make_partition(cfg, labels, data.natural_partition)
     summary = summarize(parts, labels, data.num_classes)
     doc = config_json(parts, cfg)
-    doc["seed"] = cfg["seed"]
+    doc["seed"] = cfg.seed
     doc["summary"] = summary
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,20 +1,21 @@
 """Experiment configuration: the paper's defaults, TOML files, ``--set KEY=VALUE`` overrides, validation.
 
-A config is a plain nested dict.  Top-level keys are the run's settings; each
-algorithm has a section of its own options (``[fedmr]``, ``[fedprox]``...),
-whose defaults the algorithm class declares.  Everything is checked here, once,
-so later code can trust it.
+A config file is a nested table: top-level keys are the run's settings, declared once as the
+fields of ``RunConfig``; each algorithm has a section of its own options (``[fedmr]``,
+``[fedprox]``...), whose defaults the algorithm class declares.  ``validate`` checks everything,
+once, and builds the ``RunConfig`` that later code reads (``config.rounds``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import sys
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,12 +27,105 @@ import tomli_w
 from .errors import ConfigError, did_you_mean
 from .imports import is_import_string, split_key
 
+if TYPE_CHECKING:  # training imports torch, which the CLI's argument parsing must not load
+    from .training import LocalSettings
+
+
+def setting(default: Any, help: str, group: str = "run") -> Any:
+    """A field of ``RunConfig``: its default (the paper's), a line of help, and the group of commands
+    that use it ("data": every command that loads data; "partition": also ``fedmr partition``;
+    "run": training only).  The defaults, ``fedmr run --help`` and the checks all read these."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass(frozen=True)
+class RunConfig(Mapping[str, Any]):
+    """A checked run config: each top-level key an attribute (``config.rounds``), each algorithm's or
+    plug-in's options a section (``config.section("fedmr")``).  Built only by ``validate``, so
+    code that holds one can trust it.  It also reads as the mapping of the TOML file's keys
+    (``config["rounds"]``, ``dict(config)``), the form user callbacks, config.toml and the
+    checkpoint fingerprint see; change it with ``replace``, which checks again."""
+
+    # The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
+    algorithm: str = setting("fedmr", "fedmr, fedindep, fedavg, fedprox, scaffold, moon, fedgen, clustered, or pkg.mod:Class")
+    dataset: str = setting("digits", "digits, cifar10, cifar100, femnist, imagefolder, or a loader pkg.mod:function", "data")
+    data_dir: str = setting("data", "where the data set lies (a folder or archive)", "data")
+    normalization: str = setting("auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data")
+    cache_dir: str = setting("", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "
+                             "~/.cache/fedmr", "data")
+    model: str = setting("auto", "cnn, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory")
+    num_clients: int = setting(100, "clients the training set is split among", "partition")
+    clients_per_round: int = setting(10, "clients selected each round (K)")
+    rounds: int = setting(500, "communication rounds")
+    local_epochs: int = setting(5, "local epochs per round")
+    batch_size: int = setting(50, "local batch size")
+    lr: float = setting(0.01, "local SGD learning rate")
+    momentum: float = setting(0.5, "local SGD momentum")
+    partition: str = setting("dirichlet", "iid, dirichlet, file (partition_file) or natural (the data set's writers)",
+                             "partition")
+    alpha: float = setting(0.1, "Dirichlet concentration (smaller: more skewed labels)", "partition")
+    partition_file: str = setting("", "a partition JSON (fedmr partition --out) for partition = \"file\"", "partition")
+    seed: int = setting(1, "seed of the partition, the initial model and every random draw", "partition")
+    eval_every: int = setting(10, "rounds between evaluations of the global model")
+    test_batch_size: int = setting(1000, "batch size of evaluation")
+    device: str = setting("auto", "cpu, cuda or auto (the GPU when there is one)")
+    workers: int | str = setting("auto", "client processes: N or auto (one single-thread process per core on a CPU)")
+    vectorize: bool | str = setting("auto", "train the round's clients as one batched computation: true, false or auto")
+    vectorize_memory_gb: float | str = setting(
+        "auto", "GB the vectorized path's stacked models may use; auto or 0 = from free memory")
+    client_timeout: float = setting(0.0, "seconds a client may train before it is dropped for the round; 0 = no limit")
+    max_update_norm: float = setting(0.0, "reject client updates whose norm exceeds this; 0 = off")
+    dropout_rate: float = setting(0.0, "fraction of the selected clients that fail each round (seeded)")
+    checkpoint_every: int = setting(0, "rounds between checkpoints; 0 = at every evaluation")
+    tensorboard: bool = setting(False, "also write the metrics to <results>/tensorboard (needs the tensorboard extra)")
+    # [fedmr], [fedprox], ..., and plug-ins' ["pkg.mod:Class"] / ["pkg.mod:loader"] tables, in file order
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
+    uses: str = field(default="run", repr=False)  # what was checked: see load_config
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        """``cfg`` itself if it is one; a plain mapping of the TOML keys is checked first."""
+        return cfg if isinstance(cfg, RunConfig) else validate(cfg)
+
+    # ---- typed views for the rooms below the config (each declares what it reads) ----
+    def section(self, name: str | None = None) -> dict[str, Any]:
+        """The options of algorithm ``name`` (default: the run's algorithm), or of a plug-in's table."""
+        return copy.deepcopy(dict(self.sections[name or self.algorithm]))
+
+    @property
+    def local_settings(self) -> LocalSettings:
+        from .training import LocalSettings
+
+        return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """This config with ``changes`` (top-level keys or whole sections by name), checked again."""
+        return validate({**self.to_dict(), **changes}, self.uses)
+
+    # ---- the TOML file's form ----
+    def to_dict(self) -> dict[str, Any]:
+        doc = {name: getattr(self, name) for name in SETTING_NAMES}
+        doc.update(copy.deepcopy({k: dict(v) for k, v in self.sections.items()}))
+        return doc
+
+    def __getitem__(self, key: str) -> Any:
+        if key in SETTING_NAMES:
+            return getattr(self, key)
+        return copy.deepcopy(dict(self.sections[key]))
+
+    def __iter__(self) -> Iterator[str]:
+        yield from SETTING_NAMES
+        yield from self.sections
+
+    def __len__(self) -> int:
+        return len(SETTING_NAMES) + len(self.sections)
+
+    __hash__ = None  # type: ignore[assignment]  # sections are dicts
+
 
 @dataclass(frozen=True)
 class Setting:
-    """One top-level config key: its default (the paper's), a line of help, and the group of
-    commands that use it ("data": every command that loads data; "partition": also ``fedmr
-    partition``; "run": training only).  The defaults, ``fedmr run --help`` and the checks read these."""
+    """One top-level config key as ``fedmr run --help`` lists it (from ``RunConfig``'s fields)."""
 
     name: str
     default: Any
@@ -39,39 +133,9 @@ class Setting:
     group: str = "run"
 
 
-# The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
-SETTINGS: tuple[Setting, ...] = (
-    Setting("algorithm", "fedmr", "fedmr, fedindep, fedavg, fedprox, scaffold, moon, fedgen, clustered, or pkg.mod:Class"),
-    Setting("dataset", "digits", "digits, cifar10, cifar100, femnist, imagefolder, or a loader pkg.mod:function", "data"),
-    Setting("data_dir", "data", "where the data set lies (a folder or archive)", "data"),
-    Setting("normalization", "auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data"),
-    Setting("cache_dir", "", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "
-            "~/.cache/fedmr", "data"),
-    Setting("model", "auto", "cnn, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory"),
-    Setting("num_clients", 100, "clients the training set is split among", "partition"),
-    Setting("clients_per_round", 10, "clients selected each round (K)"),
-    Setting("rounds", 500, "communication rounds"),
-    Setting("local_epochs", 5, "local epochs per round"),
-    Setting("batch_size", 50, "local batch size"),
-    Setting("lr", 0.01, "local SGD learning rate"),
-    Setting("momentum", 0.5, "local SGD momentum"),
-    Setting("partition", "dirichlet", "iid, dirichlet, file (partition_file) or natural (the data set's writers)",
-            "partition"),
-    Setting("alpha", 0.1, "Dirichlet concentration (smaller: more skewed labels)", "partition"),
-    Setting("partition_file", "", "a partition JSON (fedmr partition --out) for partition = \"file\"", "partition"),
-    Setting("seed", 1, "seed of the partition, the initial model and every random draw", "partition"),
-    Setting("eval_every", 10, "rounds between evaluations of the global model"),
-    Setting("test_batch_size", 1000, "batch size of evaluation"),
-    Setting("device", "auto", "cpu, cuda or auto (the GPU when there is one)"),
-    Setting("workers", "auto", "client processes: N or auto (one single-thread process per core on a CPU)"),
-    Setting("vectorize", "auto", "train the round's clients as one batched computation: true, false or auto"),
-    Setting("vectorize_memory_gb", "auto", "GB the vectorized path's stacked models may use; auto or 0 = from free memory"),
-    Setting("client_timeout", 0.0, "seconds a client may train before it is dropped for the round; 0 = no limit"),
-    Setting("max_update_norm", 0.0, "reject client updates whose norm exceeds this; 0 = off"),
-    Setting("dropout_rate", 0.0, "fraction of the selected clients that fail each round (seeded)"),
-    Setting("checkpoint_every", 0, "rounds between checkpoints; 0 = at every evaluation"),
-    Setting("tensorboard", False, "also write the metrics to <results>/tensorboard (needs the tensorboard extra)"),
-)
+SETTINGS: tuple[Setting, ...] = tuple(Setting(f.name, f.default, f.metadata["help"], f.metadata["group"])
+                                     for f in fields(RunConfig) if "help" in f.metadata)
+SETTING_NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)
 DEFAULTS: dict[str, Any] = {s.name: s.default for s in SETTINGS}
 USES = {"data": ("data",), "partition": ("data", "partition"), "run": ("data", "partition", "run")}
 """Which setting groups each kind of command reads (and so checks)."""
@@ -133,16 +197,10 @@ def parse_assignment(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
     key, _, value = item.partition("=")
     key = key.strip()
-    parts = _key_parts(key)
+    parts = split_key(key)  # "fedmr.block_fraction" -> ["fedmr", "block_fraction"]; "pkg.mod:Algo.beta" keeps its dots
     if not key or any(not part for part in parts):
         raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
     return parts, parse_value(value.strip())
-
-
-def _key_parts(key: str) -> list[str]:
-    """"fedmr.block_fraction" -> ["fedmr", "block_fraction"]; a plug-in algorithm's section keeps its
-    dots: "pkg.mod:Algo.beta" -> ["pkg.mod:Algo", "beta"]."""
-    return split_key(key)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -183,7 +241,7 @@ def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -
     return base
 
 
-def load_config(path: str | Path | None = None, assignments: Iterable[str] = (), uses: str = "run") -> dict[str, Any]:
+def load_config(path: str | Path | None = None, assignments: Iterable[str] = (), uses: str = "run") -> RunConfig:
     """Defaults, then the TOML file, then each ``--set`` in order; validated for a command that
     ``uses`` "run" (every key), "partition" or "data" (only the keys those read: see ``Setting.group``)."""
     cfg = default_config()
@@ -230,130 +288,140 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def validate(cfg: dict[str, Any], uses: str = "run") -> dict[str, Any]:
-    """Check types and ranges of the keys a command ``uses`` (see ``load_config``); returns the
-    same dict with numbers normalised."""
+def validate(cfg: Mapping[str, Any], uses: str = "run") -> RunConfig:
+    """Check the types and ranges of the keys a command ``uses`` (see ``load_config``) and build the
+    typed config (numbers normalised; plug-ins' sections filled with their defaults)."""
     from .algorithms import ALGORITHMS
 
+    doc = dict(cfg)
     used = used_keys(uses)
     training = uses == "run"
-    reference = default_config()
-    for key, default in reference.items():
+    for key in [k for k, v in doc.items() if k not in SETTING_NAMES and not isinstance(v, Mapping)]:
+        raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, SETTING_NAMES)}")
+    for key, default in default_config().items():
         if isinstance(default, dict):
             if training:
+                doc[key] = dict(doc[key])
                 for sub, sub_default in default.items():
-                    cfg[key][sub] = _check_type(f"{key}.{sub}", cfg[key][sub], sub_default)
-        elif key not in used:
-            continue
-        elif key == "workers":
-            value = cfg[key]
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
-        elif key == "vectorize":
-            if not (cfg[key] == "auto" or isinstance(cfg[key], bool)):
-                raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {cfg[key]!r}")
-        elif key == "vectorize_memory_gb":
-            value = cfg[key]
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                    or not 0 <= value <= 1e6):
-                raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB in [0, 1e6] "
-                                  f"(0 = auto), got {_brief(value)}")
-        else:
-            cfg[key] = _check_type(key, cfg[key], default)
-
-    _validate_plugins(cfg, training)
-    for key in ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "test_batch_size"):
-        if key in used and cfg[key] < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1, got {cfg[key]}")
-    if training and cfg["clients_per_round"] > cfg["num_clients"]:
-        raise ConfigError(
-            f"clients_per_round ({cfg['clients_per_round']}) cannot exceed num_clients ({cfg['num_clients']})"
-        )
-    if "seed" in used and not 0 <= cfg["seed"] < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
-        raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {_brief(cfg['seed'])}")
+                    doc[key][sub] = _check_type(f"{key}.{sub}", doc[key][sub], sub_default)
+        elif key in used:
+            doc[key] = _check_setting(key, doc[key], default)
+    config = RunConfig(**{name: doc[name] for name in SETTING_NAMES},
+                       sections={k: v for k, v in doc.items() if k not in SETTING_NAMES}, uses=uses)
+    config = dataclasses.replace(config, sections=_plugin_sections(config, training))
+    _check_ranges(config, used)
     if training:
-        _check_training_ranges(cfg)
+        for name, cls in ALGORITHMS.items():
+            cls.check_options(config.section(name))
+    return config
+
+
+def _check_setting(key: str, value: Any, default: Any) -> Any:
+    """A top-level key's type; the three keys that also take "auto" are checked by their own rule."""
+    if key == "workers":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
+    elif key == "vectorize":
+        if not (value == "auto" or isinstance(value, bool)):
+            raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {value!r}")
+    elif key == "vectorize_memory_gb":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e6):
+            raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB in [0, 1e6] "
+                              f"(0 = auto), got {_brief(value)}")
+    else:
+        return _check_type(key, value, default)
+    return value
+
+
+AT_LEAST_ONE = ("num_clients", "clients_per_round", "rounds", "local_epochs", "batch_size", "eval_every", "test_batch_size")
+
+
+def _check_ranges(c: RunConfig, used: set[str]) -> None:
+    for key in AT_LEAST_ONE:
+        if key in used and getattr(c, key) < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1, got {getattr(c, key)}")
+    training = c.uses == "run"
+    if training and c.clients_per_round > c.num_clients:
+        raise ConfigError(f"clients_per_round ({c.clients_per_round}) cannot exceed num_clients ({c.num_clients})")
+    if "seed" in used and not 0 <= c.seed < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
+        raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {_brief(c.seed)}")
+    if training:
+        _check_training_ranges(c)
     if "partition" in used:
-        if cfg["partition"] not in PARTITIONS:
-            raise ConfigError(f"unknown partition '{cfg['partition']}' (choose from {', '.join(PARTITIONS)})"
-                              f"{did_you_mean(cfg['partition'], PARTITIONS)}")
-        if cfg["partition"] == "dirichlet" and cfg["alpha"] <= 0:
-            raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {cfg['alpha']}")
-        if cfg["partition"] == "file" and not cfg["partition_file"]:
+        if c.partition not in PARTITIONS:
+            raise ConfigError(f"unknown partition '{c.partition}' (choose from {', '.join(PARTITIONS)})"
+                              f"{did_you_mean(c.partition, PARTITIONS)}")
+        if c.partition == "dirichlet" and c.alpha <= 0:
+            raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {c.alpha}")
+        if c.partition == "file" and not c.partition_file:
             raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
     from .data.normalization import CHOICES as NORMALIZATIONS
 
-    if cfg["normalization"] not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalization '{cfg['normalization']}' (choose from {', '.join(NORMALIZATIONS)})"
-                          f"{did_you_mean(cfg['normalization'], NORMALIZATIONS)}")
-    if training:
-        for name, cls in ALGORITHMS.items():
-            cls.check_options(cfg[name])
-    return cfg
+    if c.normalization not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalization '{c.normalization}' (choose from {', '.join(NORMALIZATIONS)})"
+                          f"{did_you_mean(c.normalization, NORMALIZATIONS)}")
 
 
-def _check_training_ranges(cfg: dict[str, Any]) -> None:
-    if not 0 <= cfg["dropout_rate"] < 1:
-        raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {cfg['dropout_rate']}")
-    if cfg["max_update_norm"] < 0:
-        raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {cfg['max_update_norm']}")
-    if cfg["checkpoint_every"] < 0:
-        raise ConfigError(
-            f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {cfg['checkpoint_every']}")
-    if cfg["lr"] <= 0:
-        raise ConfigError(f"config key 'lr' must be positive, got {cfg['lr']}")
-    if not 0 <= cfg["momentum"] < 1:
-        raise ConfigError(f"config key 'momentum' must be in [0, 1), got {cfg['momentum']}")
-    if cfg["client_timeout"] < 0:
-        raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {cfg['client_timeout']}")
-    if cfg["device"] not in ("cpu", "cuda", "auto"):
-        raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {cfg['device']!r}")
+def _check_training_ranges(c: RunConfig) -> None:
+    if not 0 <= c.dropout_rate < 1:
+        raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {c.dropout_rate}")
+    if c.max_update_norm < 0:
+        raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {c.max_update_norm}")
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {c.checkpoint_every}")
+    if c.lr <= 0:
+        raise ConfigError(f"config key 'lr' must be positive, got {c.lr}")
+    if not 0 <= c.momentum < 1:
+        raise ConfigError(f"config key 'momentum' must be in [0, 1), got {c.momentum}")
+    if c.client_timeout < 0:
+        raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {c.client_timeout}")
+    if c.device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {c.device!r}")
 
 
-def _validate_plugins(cfg: dict[str, Any], training: bool = True) -> None:
-    """The names of the algorithm, model and data set (built-in, or user code that must at least
-    import and be callable: its contract is checked when it runs) and every plug-in's section, all
-    before any data is loaded.  Without ``training``, only the data set."""
+def _plugin_sections(c: RunConfig, training: bool = True) -> dict[str, dict[str, Any]]:
+    """Check the names of the algorithm, model and data set (built-in, or user code that must at
+    least import and be callable: its contract is checked when it runs) and every plug-in's section,
+    all before any data is loaded; returns the sections with each plug-in's defaults filled in.
+    Without ``training``, only the data set."""
     from .algorithms import algorithm_class, algorithm_defaults
     from .data import check_dataset_name
     from .data.user import loader_defaults
     from .imports import resolve_callable
     from .models import check_model_name
 
-    check_dataset_name(cfg["dataset"])
-    if is_import_string(cfg["dataset"]):
-        resolve_callable("dataset", cfg["dataset"])
-        options = loader_defaults(cfg["dataset"])
-        if options and cfg["dataset"] not in cfg:  # recorded in config.toml, as an algorithm's options are
-            cfg[cfg["dataset"]] = options
-    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict) and is_loader_section(k)]:
-        if name != cfg["dataset"]:
+    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in c.sections.items()}
+    check_dataset_name(c.dataset)
+    if is_import_string(c.dataset):
+        resolve_callable("dataset", c.dataset)
+        options = loader_defaults(c.dataset)
+        if options and c.dataset not in sections:  # recorded in config.toml, as an algorithm's options are
+            sections[c.dataset] = options
+    for name in [k for k in sections if is_import_string(k) and is_loader_section(k)]:
+        if name != c.dataset:
             raise ConfigError(f"config section '{name}' names a function, not an Algorithm class, and is not "
-                              f"the data set's loader (dataset = {cfg['dataset']!r})")
-        check_loader_options(name, cfg[name])
+                              f"the data set's loader (dataset = {c.dataset!r})")
+        check_loader_options(name, sections[name])
     if not training:
-        return
-    algorithm_class(cfg["algorithm"])
-    if is_import_string(cfg["algorithm"]) and cfg["algorithm"] not in cfg:
-        cfg[cfg["algorithm"]] = algorithm_defaults(cfg["algorithm"], "algorithm")
-    check_model_name(cfg["model"])
-    if is_import_string(cfg["model"]):
-        resolve_callable("model", cfg["model"])
-    for name in [k for k, v in cfg.items() if is_import_string(k) and isinstance(v, dict)
-                 and not is_loader_section(k)]:
+        return sections
+    algorithm_class(c.algorithm)
+    if is_import_string(c.algorithm) and c.algorithm not in sections:
+        sections[c.algorithm] = algorithm_defaults(c.algorithm, "algorithm")
+    check_model_name(c.model)
+    if is_import_string(c.model):
+        resolve_callable("model", c.model)
+    for name in [k for k in sections if is_import_string(k) and not is_loader_section(k)]:
         cls = algorithm_class(name, f"[{name}]")
-        for sub, sub_default in algorithm_defaults(name, f"[{name}]").items():
-            cfg[name][sub] = _check_type(f"{name}.{sub}", cfg[name].get(sub, sub_default), sub_default)
-        cls.Options(**cfg[name]).check(name)  # declared ranges first, named by the section as written
-        cls.check_options(cfg[name])
+        given = sections[name]
+        sections[name] = {**given, **{sub: _check_type(f"{name}.{sub}", given.get(sub, sub_default), sub_default)
+                                      for sub, sub_default in algorithm_defaults(name, f"[{name}]").items()}}
+        cls.Options(**sections[name]).check(name)  # declared ranges first, named by the section as written
+        cls.check_options(sections[name])
+    return sections
 
 
 def to_toml(cfg: Mapping[str, Any]) -> str:
     return tomli_w.dumps(dict(cfg))
-
-
-def algorithm_options(cfg: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
-    return dict(cfg[name or cfg["algorithm"]])
 
 
 # ---- plug-in sections: ["pkg.mod:Class"] holds an algorithm's options, ["pkg.mod:loader"] a loader's

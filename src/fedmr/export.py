@@ -24,7 +24,7 @@ from .data import DataSet, load_dataset
 from .data.normalization import NORMALIZATIONS, resolve
 from .errors import DataError
 from .fileio import atomic_write_text
-from .partition import Partition, config_json, make_partition, summarize
+from .partition import Partition, PartitionSpec, config_json, make_partition, summarize
 from .seeding import numpy_rng
 
 
@@ -102,9 +102,10 @@ def export_partition(cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, A
     if out.exists() and any(out.iterdir()):
         raise DataError(f"export folder {out} is not empty; choose a new one")
     data = load_dataset(cfg)
+    spec = PartitionSpec.of(cfg)
     train_y, test_y = data.train_y.cpu().numpy(), data.test_y.cpu().numpy()
-    parts = make_partition(cfg, train_y, data.natural_partition)
-    tests = local_test_parts(parts, train_y, test_y, data.num_classes, cfg["seed"])
+    parts = make_partition(spec, train_y, data.natural_partition)
+    tests = local_test_parts(parts, train_y, test_y, data.num_classes, spec.seed)
     names = class_folders(data.classes, data.num_classes)
     train_px, test_px = to_pixels(data.train_x, data), to_pixels(data.test_x, data)
     width = max(3, len(str(len(parts) - 1)))
@@ -113,7 +114,7 @@ def export_partition(cfg: Mapping[str, Any], out_dir: str | Path) -> dict[str, A
         write_images(site / "train", train_px, train_y, train, names)
         write_images(site / "test", test_px, test_y, test, names)
     doc = config_json(parts, cfg)
-    doc.update(seed=cfg["seed"], summary=summarize(parts, train_y, data.num_classes),
+    doc.update(seed=spec.seed, summary=summarize(parts, train_y, data.num_classes),
                test_parts=[list(map(int, t)) for t in tests], classes=names, normalization=normalization_name(data))
     atomic_write_text(out / "partition.json", json.dumps(doc))
     return doc

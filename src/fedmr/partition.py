@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,23 @@ Partition = list[list[int]]
 
 MIN_CLIENT_SIZE = 10
 MAX_DIRICHLET_TRIES = 1000
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """The config keys a partition is drawn from (the fields bear their names)."""
+
+    partition: str
+    num_clients: int
+    alpha: float
+    seed: int
+    partition_file: str = ""
+    dataset: str = ""
+
+    @classmethod
+    def of(cls, cfg: PartitionSpec | Mapping[str, Any]) -> PartitionSpec:
+        """From a run config (or any mapping of its keys)."""
+        return cfg if isinstance(cfg, cls) else cls(**{f.name: cfg[f.name] for f in fields(cls)})
 
 
 def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator) -> Partition:
@@ -114,10 +132,11 @@ def to_json(parts: Partition, *, dataset: str, kind: str, alpha: float | None) -
     }
 
 
-def config_json(parts: Partition, cfg: Mapping[str, Any]) -> dict[str, Any]:
+def config_json(parts: Partition, cfg: PartitionSpec | Mapping[str, Any]) -> dict[str, Any]:
     """The partition file of a run, described by its config."""
-    kind = cfg["partition"]
-    return to_json(parts, dataset=cfg["dataset"], kind=kind, alpha=cfg["alpha"] if kind == "dirichlet" else None)
+    spec = PartitionSpec.of(cfg)
+    return to_json(parts, dataset=spec.dataset, kind=spec.partition,
+                   alpha=spec.alpha if spec.partition == "dirichlet" else None)
 
 
 def save_partition(path: str | Path, parts: Partition, *, dataset: str, kind: str, alpha: float | None) -> None:
@@ -154,49 +173,50 @@ def load_partition(path: str | Path, num_samples: int, num_clients: int | None =
     return check_partition([data[str(i)] for i in ids], num_samples, f"partition file {path}")
 
 
-def make_partition(cfg: Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None) -> Partition:
+def make_partition(cfg: PartitionSpec | Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None) -> Partition:
     """The partition a config asks for, drawn from the run's seed."""
     from .seeding import numpy_rng
 
-    kind, n = cfg["partition"], cfg["num_clients"]
-    rng = numpy_rng(cfg["seed"], "partition")
+    spec = PartitionSpec.of(cfg)
+    kind, n = spec.partition, spec.num_clients
+    rng = numpy_rng(spec.seed, "partition")
     if kind == "iid":
         return iid_partition(len(labels), n, rng)
     if kind == "dirichlet":
         try:
-            return dirichlet_partition(labels, n, cfg["alpha"], rng)
+            return dirichlet_partition(labels, n, spec.alpha, rng)
         except PartitionError as exc:
-            best = _supported_clients(cfg, labels)
+            best = _supported_clients(spec, labels)
             if not best:
                 raise
             what = str(exc).split("; use fewer")[0]
             raise PartitionError(f"{what}; with this seed it supports --set num_clients={best} "
                                  f"(or use a larger alpha)") from None
     if kind == "file":
-        return load_partition(cfg["partition_file"], len(labels), n)
+        return load_partition(spec.partition_file, len(labels), n)
     if kind == "natural":
         if natural is None:
-            raise PartitionError(f"data set '{cfg['dataset']}' has no natural (per-writer) split")
+            raise PartitionError(f"data set '{spec.dataset}' has no natural (per-writer) split")
         if len(natural) != n:
             raise PartitionError(
-                f"the natural split of '{cfg['dataset']}' has {len(natural)} clients; set num_clients = {len(natural)}")
+                f"the natural split of '{spec.dataset}' has {len(natural)} clients; set num_clients = {len(natural)}")
         return check_partition(natural, len(labels), "natural split")
     raise PartitionError(f"unknown partition '{kind}'")
 
 
-def _supported_clients(cfg: Mapping[str, Any], labels: np.ndarray) -> int:
+def _supported_clients(spec: PartitionSpec, labels: np.ndarray) -> int:
     """How many clients this seed's Dirichlet split can serve: the largest count (binary search) whose
     draw succeeds within 100 tries of the very stream a run uses, so the suggestion is sure to work."""
     from .seeding import numpy_rng
 
     def works(k: int) -> bool:
         try:
-            dirichlet_partition(labels, k, cfg["alpha"], numpy_rng(cfg["seed"], "partition"), tries=100)
+            dirichlet_partition(labels, k, spec.alpha, numpy_rng(spec.seed, "partition"), tries=100)
             return True
         except PartitionError:
             return False
 
-    low, high, best = 1, min(cfg["num_clients"] - 1, len(labels) // MIN_CLIENT_SIZE), 0
+    low, high, best = 1, min(spec.num_clients - 1, len(labels) // MIN_CLIENT_SIZE), 0
     while low <= high:
         mid = (low + high) // 2
         if works(mid):

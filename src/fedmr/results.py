@@ -24,6 +24,7 @@ from typing import Any
 from .config import to_toml
 from .errors import ConfigError
 from .fileio import atomic_write, atomic_write_text, temporary_name
+from .partition import PartitionSpec
 
 log = logging.getLogger("fedmr")
 
@@ -151,14 +152,15 @@ def setting_title(cfg: Mapping[str, Any], model: str, data: str, num_clients: in
     """The model, the data set and how it is split, as plot titles name them: "cnn on cifar10
     (dirichlet alpha 0.1, 100 clients)".  ``clients_hold_data``: each client trains on its own
     data (a Flower federation of sites), nothing was split."""
-    n = cfg["num_clients"] if num_clients is None else num_clients
-    partition = cfg.get("partition", "")
+    spec = PartitionSpec.of(cfg)
+    n = spec.num_clients if num_clients is None else num_clients
+    partition = spec.partition
     if clients_hold_data:
         where = "the sites' own data"
     elif partition == "dirichlet":
-        where = f"dirichlet alpha {cfg['alpha']:g}"
+        where = f"dirichlet alpha {spec.alpha:g}"
     elif partition == "file":
-        where = f"partition {Path(str(cfg.get('partition_file', ''))).name}"
+        where = f"partition {Path(spec.partition_file).name}"
     else:
         where = str(partition)
     return f"{model} on {data} ({where}, {n} clients)"

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +21,6 @@ class LocalSettings:
     batch_size: int = 50
     lr: float = 0.01
     momentum: float = 0.5
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> LocalSettings:
-        return cls(cfg["local_epochs"], cfg["batch_size"], cfg["lr"], cfg["momentum"])
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

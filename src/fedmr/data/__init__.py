@@ -17,6 +17,7 @@ from .base import (
     DATASETS,
     IN_MEMORY,
     DataSet,
+    DataSource,
     Loader,
     as_images,
     check_dataset_name,
@@ -26,17 +27,18 @@ from .base import (
 from .user import Arrays, DataLoader, dataset_from_arrays, load_user_dataset
 
 
-def load_dataset(cfg: Mapping[str, Any]) -> DataSet:
+def load_dataset(cfg: DataSource | Mapping[str, Any]) -> DataSet:
     """Load the data set a config names (``dataset``, ``data_dir``, ``normalization``), a built-in
     one or a user loader named by import string."""
-    name = cfg["dataset"]
+    source = DataSource.of(cfg)
+    name = source.dataset
     check_dataset_name(name)
     if name == IN_MEMORY:
         raise ConfigError(f"dataset = \"{IN_MEMORY}\": this run's data came as arrays from Python; pass them "
                           f"again, fedmr.run(..., data=(train_x, train_y, test_x, test_y))")
     if ":" in name:
-        return load_user_dataset(name, cfg=cfg)
-    return DATASETS[name](cfg)
+        return load_user_dataset(name, source=source)
+    return DATASETS[name](source)
 
 
 # registration order: the embedded data set first
@@ -45,5 +47,5 @@ from . import digits  # noqa: E402,F401  (registers the embedded data set)
 from . import cifar, femnist, imagefolder  # noqa: E402,F401  (register the real data sets)
 # isort: on
 
-__all__ = ["DATASETS", "IN_MEMORY", "Arrays", "DataLoader", "DataSet", "Loader", "as_images", "check_dataset_name",
+__all__ = ["DATASETS", "IN_MEMORY", "Arrays", "DataLoader", "DataSet", "DataSource", "Loader", "as_images", "check_dataset_name",
            "check_trainable", "dataset_from_arrays", "load_dataset", "load_user_dataset", "register"]

@@ -4,7 +4,7 @@ that the config's ``dataset`` key picks from, and the checks on a loaded set."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -108,7 +108,27 @@ def as_images(x: torch.Tensor) -> torch.Tensor:
 
 IN_MEMORY = "python-arrays"  # the dataset value recorded for data passed as arrays from Python
 
-Loader = Callable[[Mapping[str, Any]], DataSet]
+@dataclass(frozen=True)
+class DataSource:
+    """The config keys a data set is loaded by (the fields bear their names); ``cache_dir`` "" and
+    a loader's ``options`` {} mean none given."""
+
+    dataset: str
+    data_dir: str
+    normalization: str
+    cache_dir: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)  # a user loader's [pkg.mod:loader] table
+
+    @classmethod
+    def of(cls, cfg: DataSource | Mapping[str, Any]) -> DataSource:
+        """From a run config (or any mapping of its keys)."""
+        if isinstance(cfg, cls):
+            return cfg
+        given = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name != "options"}
+        return cls(**given, options=dict(cfg.get(given["dataset"]) or {}))
+
+
+Loader = Callable[[DataSource], DataSet]
 DATASETS: dict[str, Loader] = {}
 
 

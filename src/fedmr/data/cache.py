@@ -34,8 +34,9 @@ FORMAT = 1  # bump when the arrays an entry holds change meaning
 Arrays = dict[str, np.ndarray]
 
 
-def cache_root(source: Path, cfg: Mapping[str, Any]) -> Path:
-    configured = cfg.get("cache_dir") or os.environ.get("FEDMR_CACHE")
+def cache_root(source: Path, cache_dir: str = "") -> Path:
+    """The configured folder (``cache_dir``, else $FEDMR_CACHE), else beside the data, else ~/.cache."""
+    configured = cache_dir or os.environ.get("FEDMR_CACHE")
     if configured:
         return Path(configured).expanduser()
     beside = source if source.is_dir() else source.parent
@@ -115,10 +116,10 @@ def write_entry(entry: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str
         log.warning("cannot write the data cache %s (%s); the next run decodes again", entry, exc)
 
 
-def cached(kind: str, source: Path, cfg: Mapping[str, Any], build: Callable[[], tuple[Arrays, dict[str, Any]]],
+def cached(kind: str, source: Path, cache_dir: str, build: Callable[[], tuple[Arrays, dict[str, Any]]],
            files: Iterable[Path] = ()) -> tuple[Arrays, dict[str, Any]]:
     """The cached arrays of ``source``, calling ``build`` (the slow decode) only when no valid entry exists."""
-    entry = entry_dir(cache_root(source, cfg), kind, source, fingerprint(source, files))
+    entry = entry_dir(cache_root(source, cache_dir), kind, source, fingerprint(source, files))
     hit = read_entry(entry)
     if hit is not None:
         return hit

@@ -15,7 +15,6 @@ import shutil
 import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from ..errors import DataError
 from ..fileio import file_digest
 from . import normalization
-from .base import DataSet, register
+from .base import DataSet, DataSource, register
 
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -158,16 +157,16 @@ def locate(release: Release, data_dir: Path) -> Path:
     return folder
 
 
-def load_release(cfg: Mapping[str, Any], key: str) -> DataSet:
+def load_release(source: DataSource, key: str) -> DataSet:
     release = RELEASES[key]
-    folder = locate(release, Path(cfg["data_dir"]).expanduser())
+    folder = locate(release, Path(source.data_dir).expanduser())
     names = [n.decode("latin1") if isinstance(n, bytes) else str(n)
              for n in read_pickle(folder / release.meta_file).get(release.names_key, [])]
     if not names:
         raise DataError(f"CIFAR file {folder / release.meta_file} lacks '{release.names_key}'")
     train_x, train_y = read_batches(folder, release.train_files, release.label_key, len(names))
     test_x, test_y = read_batches(folder, release.test_files, release.label_key, len(names))
-    affine = normalization.resolve(cfg["normalization"], release.default_normalization, 3)
+    affine = normalization.resolve(source.normalization, release.default_normalization, 3)
     return DataSet(
         name=key,
         train_x=normalization.to_tensor(train_x, affine), train_y=torch.from_numpy(train_y),
@@ -177,11 +176,11 @@ def load_release(cfg: Mapping[str, Any], key: str) -> DataSet:
 
 
 @register("cifar10")
-def load_cifar10(cfg: Mapping[str, Any]) -> DataSet:
-    return load_release(cfg, "cifar10")
+def load_cifar10(source: DataSource) -> DataSet:
+    return load_release(source, "cifar10")
 
 
 @register("cifar100")
-def load_cifar100(cfg: Mapping[str, Any]) -> DataSet:
+def load_cifar100(source: DataSource) -> DataSet:
     """CIFAR-100 with its 20 coarse superclass labels, as in the paper."""
-    return load_release(cfg, "cifar100")
+    return load_release(source, "cifar100")

@@ -8,15 +8,13 @@ the paper's CIFAR CNN runs on them unchanged with one input channel.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Mapping
 from importlib import resources
-from typing import Any
 
 import numpy as np
 import torch
 
 from . import normalization
-from .base import DataSet, register
+from .base import DataSet, DataSource, register
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0  # fixed, independent of the run's seed, so partition files stay valid
@@ -29,13 +27,13 @@ def read_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @register("digits")
-def load_digits(cfg: Mapping[str, Any]) -> DataSet:
+def load_digits(source: DataSource) -> DataSet:
     images, labels = read_digits()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     n_test = int(round(TEST_FRACTION * len(labels)))
     test, train = order[:n_test], np.sort(order[n_test:])
     pixels = images.repeat(4, axis=2).repeat(4, axis=3).transpose(0, 2, 3, 1)  # (N, 32, 32, 1) in 0..16
-    affine = normalization.resolve(cfg["normalization"], "cifar10", 1)
+    affine = normalization.resolve(source.normalization, "cifar10", 1)
     y = torch.from_numpy(labels)
     test = np.sort(test)
     return DataSet(

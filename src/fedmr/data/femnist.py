@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 
 from ..errors import DataError
 from . import cache, normalization
-from .base import DataSet, register
+from .base import DataSet, DataSource, register
 
 SIDE = 28
 NUM_CLASSES = 62
@@ -106,14 +105,14 @@ def parse(root: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 @register("femnist")
-def load_femnist(cfg: Mapping[str, Any]) -> DataSet:
-    root = Path(cfg["data_dir"]).expanduser()
+def load_femnist(source: DataSource) -> DataSet:
+    root = Path(source.data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"FEMNIST folder not found: {root} (set data_dir to LEAF's data folder with train/*.json "
                         f"and test/*.json)")
     files = json_files(root, "train") + json_files(root, "test")
-    arrays, _meta = cache.cached("femnist", root, cfg, lambda: parse(root), files)
-    affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, 1)
+    arrays, _meta = cache.cached("femnist", root, source.cache_dir, lambda: parse(root), files)
+    affine = normalization.resolve(source.normalization, DEFAULT_NORMALIZATION, 1)
     scale = 1 / 255 if arrays["train_x"].dtype == np.uint8 else 1.0
     ends = np.cumsum(arrays["writer_sizes"])
     natural = [list(range(int(end - size), int(end))) for size, end in zip(arrays["writer_sizes"], ends)]

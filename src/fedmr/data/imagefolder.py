@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import DataError
 from . import cache, normalization
-from .base import DataSet, register
+from .base import DataSet, DataSource, register
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
@@ -140,15 +140,15 @@ def decode_all(source: Path, site: bool = False) -> tuple[dict[str, np.ndarray],
 
 
 @register("imagefolder")
-def load_imagefolder(cfg: Mapping[str, Any]) -> DataSet:
-    source = Path(cfg["data_dir"]).expanduser()
+def load_imagefolder(config: DataSource) -> DataSet:
+    source = Path(config.data_dir).expanduser()
     if not source.exists():
         raise DataError(f"image folder not found: {source} (set data_dir to a folder with train/<class>/* and "
                         f"test/<class>/*, or to a .tar.gz of one)")
     files = folder_files(source) if source.is_dir() else []
-    arrays, meta = cache.cached("imagefolder", source, cfg, lambda: decode_all(source), files)
+    arrays, meta = cache.cached("imagefolder", source, config.cache_dir, lambda: decode_all(source), files)
     channels = arrays["train_x"].shape[3]
-    affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, channels)
+    affine = normalization.resolve(config.normalization, DEFAULT_NORMALIZATION, channels)
     return DataSet(
         name=source_name(source),
         train_x=normalization.to_tensor(arrays["train_x"], affine), train_y=_labels(arrays["train_y"]),

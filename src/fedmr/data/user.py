@@ -7,7 +7,6 @@ here, so a bad loader is one ``fedmr: error:`` line naming the config key."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch
 from ..errors import PluginError
 from ..imports import a_noun, first_line, resolve_callable, where
 from ..models import auto_model
-from .base import DataSet
+from .base import DataSet, DataSource
 
 Array = torch.Tensor | np.ndarray
 Arrays = tuple[Array, Array, Array, Array]
@@ -57,11 +56,11 @@ def loader_defaults(spec: str, key: str = "dataset") -> dict[str, Any]:
     return options
 
 
-def loader_arguments(spec: str, cfg: Mapping[str, Any], key: str = "dataset") -> dict[str, Any]:
+def loader_arguments(spec: str, source: DataSource, key: str = "dataset") -> dict[str, Any]:
     """What a loader is called with: ``data_dir`` if it declares it, and its section's options."""
-    kwargs = dict(cfg.get(spec) or {})
+    kwargs = dict(source.options)
     if any(p.name == DATA_DIR for p in _loader_parameters(spec, key)):
-        kwargs[DATA_DIR] = cfg[DATA_DIR]
+        kwargs[DATA_DIR] = source.data_dir
     return kwargs
 
 
@@ -125,9 +124,9 @@ def dataset_from_arrays(key: str, arrays: Any, name: str) -> Any:
     return DataSet(name, tx, ty, vx, vy, num_classes, [str(c) for c in range(num_classes)], default_model=default)
 
 
-def load_user_dataset(spec: str, key: str = "dataset", cfg: Mapping[str, Any] | None = None) -> Any:
+def load_user_dataset(spec: str, key: str = "dataset", source: DataSource | None = None) -> Any:
     loader = resolve_callable(key, spec)
-    kwargs = loader_arguments(spec, cfg, key) if cfg is not None else {}
+    kwargs = loader_arguments(spec, source, key) if source is not None else {}
     try:
         arrays = loader(**kwargs)
     except PluginError:

@@ -18,12 +18,12 @@ import copy
 import json
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config, merge, parse_value, to_toml, validate
+from ..config import RunConfig, load_config, merge, parse_value, to_toml, validate
 from ..data import DataSet
 from ..errors import CheckpointError, ConfigError
 from ..fileio import atomic_write_text, check_writable_folder
@@ -61,13 +61,12 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), options
 
 
-def variants(cfg: dict[str, Any], specs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """(spec, validated config of that variant) for each spec."""
+def variants(cfg: Mapping[str, Any], specs: Sequence[str]) -> list[tuple[str, RunConfig]]:
+    """(spec, checked config of that variant) for each spec."""
     result = []
     for spec in specs:
         name, options = parse_variant(spec)
-        variant_cfg = copy.deepcopy(cfg)
-        variant_cfg["algorithm"] = name
+        variant_cfg = {**copy.deepcopy(dict(cfg)), "algorithm": name}
         if options:
             merge(variant_cfg, {name: options})
         result.append((spec, validate(variant_cfg)))
@@ -107,7 +106,7 @@ def saved_specs(out: Path) -> list[str]:
                               '{"algorithms": ["fedavg", "fedmr"]}') from None
 
 
-def refuse_other_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
+def refuse_other_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
     """Finished variants are kept as they are, so a resumed comparison may only change what does not
     change results (the keys a resumed run may change)."""
     for key in sorted(set(saved) | set(cfg)):
@@ -116,7 +115,7 @@ def refuse_other_changes(saved: dict[str, Any], cfg: dict[str, Any]) -> None:
                               f"{cfg.get(key)!r} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
 
 
-def resumed_comparison(out: Path, assignments: Iterable[str] = ()) -> tuple[dict[str, Any], list[str]]:
+def resumed_comparison(out: Path, assignments: Iterable[str] = ()) -> tuple[RunConfig, list[str]]:
     """(config, variant specs) of the comparison in ``out`` with ``assignments`` applied, refusing
     any change but the resumable keys."""
     specs = saved_specs(out)
@@ -127,7 +126,7 @@ def resumed_comparison(out: Path, assignments: Iterable[str] = ()) -> tuple[dict
     return cfg, specs
 
 
-def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, progress: str = "bar",
+def run_comparison(cfg: Mapping[str, Any], specs: Sequence[str], out: Path | None, progress: str = "bar",
                    resume: bool = False, *, data: DataSet | None = None, model: Any = None,
                    on_row: VariantRowCallback | None = None) -> ComparisonOutcome:
     """Run each variant in ``specs`` (e.g. "fedavg", "fedmr@first_stage_rounds=50") of ``cfg`` on one
@@ -137,6 +136,7 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
     ``on_row(label, row)`` is called with each metrics row.  The first SIGINT/SIGTERM stops it after a
     checkpoint (``stop_signal``)."""
     out = Path(out) if out is not None else None
+    cfg = RunConfig.of(cfg)
     chosen = variants(cfg, specs)
     if resume and out is None:
         raise ConfigError("resuming a comparison needs its folder")
@@ -157,7 +157,7 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
     outcome = ComparisonOutcome({}, {}, out)
     for spec, variant_cfg in chosen:
         folder = variant_folder(out, spec) if out is not None else None
-        done = finished(folder, variant_cfg["rounds"]) if resume and folder is not None else None
+        done = finished(folder, variant_cfg.rounds) if resume and folder is not None else None
         if done is not None:
             if progress != "none":
                 print(f"[{spec}] finished earlier: {folder}", file=sys.stderr)
@@ -175,7 +175,7 @@ def run_comparison(cfg: dict[str, Any], specs: Sequence[str], out: Path | None, 
             return outcome
         outcome.summaries[spec], outcome.rows[spec] = result.summary, result.rows
     if out is not None:
-        title = f"{setting_title(cfg, exp.model_name, exp.data.name)}, seed {cfg['seed']}"
+        title = f"{setting_title(cfg, exp.model_name, exp.data.name)}, seed {cfg.seed}"
         atomic_write_text(out / "comparison.md", f"# {title}\n\n" + comparison_table(outcome.summaries))
         atomic_write_text(out / "comparison.json", json.dumps(outcome.summaries, indent=1))
         write_plot(outcome.rows, out / "accuracy.png", title)  # drawn as each run's own accuracy.png

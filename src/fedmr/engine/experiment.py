@@ -4,7 +4,7 @@ before the first round.  The simulator, comparisons, the API and the Flower apps
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..algorithms import Federation
+from ..config import RunConfig
 from ..data import DataSet, check_trainable, load_dataset
 from ..errors import ConfigError
 from ..maths import State
@@ -36,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
 class Experiment:
     """Everything a run needs before its first round; shared by the runs of ``compare``."""
 
-    cfg: dict[str, Any]
+    cfg: RunConfig
     data: DataSet
     partition: Partition
     partition_summary: dict[str, Any]
@@ -50,15 +51,15 @@ class Experiment:
         labels = self.data.train_y.cpu().numpy()
         counts = tuple(tuple(int(c) for c in np.bincount(labels[p], minlength=self.data.num_classes)) for p in self.partition)
         return Federation(
-            num_clients=self.cfg["num_clients"],
-            clients_per_round=self.cfg["clients_per_round"],
+            num_clients=self.cfg.num_clients,
+            clients_per_round=self.cfg.clients_per_round,
             client_sizes=tuple(len(p) for p in self.partition),
             num_classes=self.data.num_classes,
-            seed=self.cfg["seed"],
+            seed=self.cfg.seed,
             label_counts=counts,
         )
 
-    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
+    def write_clients(self, writer: RunWriter, cfg: RunConfig) -> None:
         """The results folder's record of who holds which data: partition.json (each client's sample
         indices, the authors' format) and its summary.  An experiment whose clients hold their data
         themselves (a Flower federation of sites) writes what it knows instead."""
@@ -72,18 +73,20 @@ class Experiment:
         return model.to(self.device, memory_format=torch.channels_last)
 
 
-def prepare(cfg: dict[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:
+def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:
     """Load data, draw the partition and the initial model, all from the config's seed.  ``data`` and
-    ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``."""
-    device = resolve_device(cfg["device"])
+    ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``.
+    A config given as a plain mapping is checked first."""
+    cfg = RunConfig.of(cfg)
+    device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg)
     for warning in check_trainable(data):
         log.warning("%s", warning)
     labels = data.train_y.cpu().numpy()
     partition = make_partition(cfg, labels, data.natural_partition)
     summary = summarize(partition, labels, data.num_classes)
-    model_name, build, user_code = model_builder(model if model is not None else cfg["model"], data)
-    torch.manual_seed(derive_seed(cfg["seed"], "init"))
+    model_name, build, user_code = model_builder(model if model is not None else cfg.model, data)
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
     net = build()
     if user_code:  # once, before round 1: a user model must map a batch to (batch, num_classes) logits
         check_model_output("model", net, data.train_x[:2], data.num_classes, model_name)

@@ -17,6 +17,7 @@ import torch
 
 from ..algorithms.base import Algorithm
 from ..callbacks import close_callbacks, run_callbacks
+from ..config import RunConfig
 from ..data import IN_MEMORY
 from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
@@ -29,7 +30,7 @@ Row = dict[str, Any]
 RowCallback = Callable[[Row], None]
 
 
-def write_run_header(writer: RunWriter, cfg: Mapping[str, Any], exp: Experiment) -> None:
+def write_run_header(writer: RunWriter, cfg: RunConfig, exp: Experiment) -> None:
     """config.toml, then the experiment's record of its clients' data (``Experiment.write_clients``:
     partition.json and its summary): what every results folder starts with."""
     writer.write_config(cfg)
@@ -78,14 +79,14 @@ class Recorder:
             raise ValueError(f"extra column '{clash[0]}' is a standard metrics column")
         if len(set(extra_columns)) != len(extra_columns):
             raise ValueError("extra_columns lists a column twice")
-        self.cfg, self.exp, self.algorithm, self.writer = cfg, exp, algorithm, writer
+        self.cfg, self.exp, self.algorithm, self.writer = RunConfig.of(cfg), exp, algorithm, writer
         self.model = model if model is not None else exp.new_model()
         self.extra_columns = tuple(extra_columns)
         self.columns = [*METRIC_COLUMNS, *self.extra_columns]
         # plus the built-ins the config asks for (tensorboard = true)
-        self.on_row = run_callbacks(cfg, writer.dir if writer is not None else None, list(on_row))
-        self.rounds, self.every = cfg["rounds"], cfg["eval_every"]
-        self.checkpoint_every = cfg["checkpoint_every"] or self.every
+        self.on_row = run_callbacks(self.cfg.tensorboard, writer.dir if writer is not None else None, list(on_row))
+        self.rounds, self.every = self.cfg.rounds, self.cfg.eval_every
+        self.checkpoint_every = self.cfg.checkpoint_every or self.every
         self.rows: list[Row] = []
         self.fingerprint: dict[str, Any] | None = None
         # MB exchanged so far, every round counted; None once unknown (resumed from a checkpoint of before them)
@@ -102,7 +103,7 @@ class Recorder:
         if self.writer is not None:
             data = self.exp.data
             arrays = ({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
-                      if self.cfg["dataset"] == IN_MEMORY else None)  # nothing else names such data
+                      if self.cfg.dataset == IN_MEMORY else None)  # nothing else names such data
             self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state, arrays)
             if resume:
                 done, self.rows, elapsed, counters = resume_from_checkpoint(
@@ -134,7 +135,7 @@ class Recorder:
         if not len(self.exp.data.test_y):
             return math.nan, math.nan
         self.model.load_state_dict(self.algorithm.global_state())
-        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg["test_batch_size"])
+        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg.test_batch_size)
 
     def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
         """After round ``done`` (1-based, whole run): add its traffic to the totals, evaluate when due
@@ -180,13 +181,13 @@ class Recorder:
         """The run's summary (``summary_extra`` after the algorithm, data set and model); with a writer
         also ``model.safetensors`` and ``summary.json``, then ``accuracy.png``."""
         wall = self.elapsed()
-        summary = {"algorithm": self.cfg["algorithm"], "dataset": self.cfg["dataset"], "model": self.exp.model_name,
+        summary = {"algorithm": self.cfg.algorithm, "dataset": self.cfg.dataset, "model": self.exp.model_name,
                    **(summary_extra or {}), **summarize_metrics(self.rows, wall, self.rounds)}
         if self.writer is not None:
             save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
             self.writer.write_summary(summary)
             if "final_accuracy" in summary:  # something to draw
-                write_plot({self.cfg["algorithm"]: self.rows}, self.writer.dir / "accuracy.png", self.title(),
+                write_plot({self.cfg.algorithm: self.rows}, self.writer.dir / "accuracy.png", self.title(),
                            key=summary.get("accuracy_from", "accuracy"), legend=False)
         close_callbacks(self.on_row)
         return summary
@@ -197,4 +198,4 @@ class Recorder:
         exp = self.exp
         setting = setting_title(self.cfg, exp.model_name, exp.data.name, len(exp.partition),
                                 clients_hold_data=not len(exp.data.train_y))
-        return f"{self.cfg['algorithm']} — {setting}"
+        return f"{self.cfg.algorithm} — {setting}"

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
+from ..config import RunConfig
 from ..errors import ConfigError
 from ..training import LocalSettings
 from .client import ClientData, train_client
@@ -64,9 +65,10 @@ def resolve_workers(value: int | str, device: torch.device, clients_per_round: i
 def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, data: ClientData,
                 settings: LocalSettings):
     """The runner the config asks for: vectorized, worker processes or sequential."""
-    seed, device = cfg["seed"], data.train_x.device
-    timeout = float(cfg["client_timeout"])
-    vectorize = cfg["vectorize"]
+    config = RunConfig.of(cfg)
+    seed, device = config.seed, data.train_x.device
+    timeout = float(config.client_timeout)
+    vectorize = config.vectorize
     if vectorize is True and timeout > 0:
         raise ConfigError("client_timeout needs worker processes; it cannot be combined with vectorize = true")
     if vectorize == "auto":
@@ -81,9 +83,9 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
     if problem is not None:  # a user model vmap cannot run: fall back, never fail
         log.warning("runner: the model cannot be trained batched (%s); training each client on its own", problem)
     elif vectorize:
-        log.info("runner: vectorized (%d clients per batched step)", cfg["clients_per_round"])
-        return VectorizedRunner(algorithm, model, data, settings, seed, cfg["vectorize_memory_gb"])
-    workers, threads = resolve_workers(cfg["workers"], device, cfg["clients_per_round"])
+        log.info("runner: vectorized (%d clients per batched step)", config.clients_per_round)
+        return VectorizedRunner(algorithm, model, data, settings, seed, config.vectorize_memory_gb)
+    workers, threads = resolve_workers(config.workers, device, config.clients_per_round)
     if workers > 1 or timeout > 0:  # a timeout needs a process it can stop
         log.info("runner: %d worker processes x %d threads", workers, threads)
         return ProcessPoolRunner(algorithm, model, data, settings, seed, workers, threads, timeout)

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
-from ..config import load_config
+from ..config import RunConfig, load_config
 from ..data import DataSet
 from ..errors import CheckpointError, ConfigError
 from ..fileio import check_writable_folder
@@ -32,7 +32,6 @@ from ..maths import State
 from ..partition import format_summary
 from ..results import RunWriter
 from ..seeding import numpy_rng, torch_generator
-from ..training import LocalSettings
 from .client import ClientData
 from .experiment import Experiment, prepare
 from .recorder import Recorder, RowCallback
@@ -69,11 +68,9 @@ class Simulation:
                  progress: str = "bar", label: str | None = None, resume: bool = False,
                  on_row: Iterable[RowCallback] = ()):
         self.exp = experiment
-        self.cfg = dict(experiment.cfg)
-        if algorithm is not None:
-            self.cfg["algorithm"] = algorithm
+        self.cfg = experiment.cfg if algorithm is None else experiment.cfg.replace(algorithm=algorithm)
         self.algorithm = build_algorithm(self.cfg, experiment.federation)
-        self.settings = LocalSettings.from_config(self.cfg)
+        self.settings = self.cfg.local_settings
         self.model = experiment.new_model()
         self.client_data = ClientData(experiment.data.train_x, experiment.data.train_y, experiment.partition)
         self.runner = make_runner(self.cfg, self.algorithm, self.model, self.client_data, self.settings)
@@ -81,7 +78,7 @@ class Simulation:
         self.resume = resume
         self.stop_requested = 0  # a signal number: finish the round, checkpoint, stop (see stop_on_signals)
         self.progress = progress
-        self.label = label or self.cfg["algorithm"]
+        self.label = label or self.cfg.algorithm
         # the recorder evaluates on the training model object, as the runner reuses it (no extra copy)
         self.recorder = Recorder(self.cfg, experiment, self.algorithm, self.writer, model=self.model,
                                  on_row=[self._show, *on_row])
@@ -94,11 +91,11 @@ class Simulation:
 
     # ---- one round: the shared protocol (engine/rounds.py), the clients trained by the runner ----
     def run_round(self, round_idx: int) -> dict[str, Any]:
-        seed = self.cfg["seed"]
+        seed = self.cfg.seed
         plan = plan_round(self.algorithm, round_idx, seed)
-        lost = dropped_clients(seed, round_idx, plan.clients, self.cfg["dropout_rate"])
+        lost = dropped_clients(seed, round_idx, plan.clients, self.cfg.dropout_rate)
         live = [task for task in plan.tasks if task.client_id not in lost]
-        fold = RoundFold(plan, self.exp.initial_state, float(self.cfg["max_update_norm"]))
+        fold = RoundFold(plan, self.exp.initial_state, float(self.cfg.max_update_norm))
         results = fold.stream(self.runner.run(round_idx, live))
         used = self.algorithm.aggregate_train(round_idx, results, torch_generator(seed, "server", round_idx))
         return fold.stats(used).as_row()
@@ -112,12 +109,12 @@ class Simulation:
             self._bar.set_postfix(acc=f"{row['accuracy']:.4f}", s_per_round=f"{time.perf_counter() - self._round_started:.2f}",
                                   refresh=False)
         if self.progress == "log":
-            print(f"[{self.label}] round {row['round']}/{self.cfg['rounds']} accuracy {row['accuracy']:.4f} "
+            print(f"[{self.label}] round {row['round']}/{self.cfg.rounds} accuracy {row['accuracy']:.4f} "
                   f"loss {row['loss']:.4f} elapsed {row['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
 
     # ---- the whole run -----------------------------------------------------------------
     def run(self) -> RunOutcome:
-        rounds = self.cfg["rounds"]
+        rounds = self.cfg.rounds
         first = self.recorder.start(self.resume)
         self._bar = tqdm(total=rounds, initial=first, desc=self.label, disable=self.progress != "bar",
                          dynamic_ncols=True, file=sys.stderr, unit="round")
@@ -179,7 +176,7 @@ def check_output_folder(out_dir: str | Path, resume: bool) -> None:
     check_writable_folder(out)
 
 
-def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> dict[str, Any]:
+def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> RunConfig:
     """The config of the run in ``folder`` (its config.toml) with ``assignments`` applied: what
     ``fedmr run --resume`` continues.  Only the keys in ``RESUMABLE_CHANGES`` may differ from the
     saved ones, which the checkpoint's fingerprint checks."""
@@ -190,7 +187,7 @@ def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> dict[
     return load_config(folder / "config.toml", assignments)
 
 
-def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, progress: str = "bar", *,
+def run_experiment(cfg: Mapping[str, Any], out_dir: str | Path | None = None, progress: str = "bar", *,
                    resume: bool = False, data: DataSet | None = None,
                    on_row: Iterable[RowCallback] = ()) -> RunOutcome:
     """Prepare and run one config (``fedmr run``): the partition summary on stderr unless

@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from ..algorithms import Federation, build_algorithm
 from ..engine.client import ClientData, train_client
 from ..errors import PartitionError
-from ..training import LocalSettings, evaluate
+from ..training import evaluate
 from .sites import SiteData, cached_site, node_data_dir, site_model
 from .task import FlowerRunConfig, cached_experiment, config_key, decode_task, encode_result, hosts, split_run_config
 
@@ -68,13 +68,13 @@ def train(msg: Message, context: Context) -> Message:
         algorithm = build_algorithm(run.cfg, exp.federation)
         model, data = exp.new_model(), ClientData(exp.data.train_x, exp.data.train_y, exp.partition)
     else:  # this site is the client the server made it; its data are the only data here
-        federation = Federation(run.cfg["num_clients"], run.cfg["clients_per_round"], (site.info()["num-examples"],),
-                                len(site.classes), run.cfg["seed"])
+        federation = Federation(run.cfg.num_clients, run.cfg.clients_per_round, (site.info()["num-examples"],),
+                                len(site.classes), run.cfg.seed)
         algorithm, model, data = build_algorithm(run.cfg, federation), new_site_model(run, site), site
     fault = injected_fault(run.flower["faults"], round_idx, task.slot)
     if fault == "crash":
         raise RuntimeError(f"injected crash (round {round_idx + 1}, slot {task.slot})")
-    result = train_client(algorithm, model, task, data, LocalSettings.from_config(run.cfg), run.cfg["seed"], round_idx)
+    result = train_client(algorithm, model, task, data, run.cfg.local_settings, run.cfg.seed, round_idx)
     if fault == "nan":
         result.state = {k: v.fill_(math.nan) if v.is_floating_point() else v for k, v in result.state.items()}
     elif fault == "shape":
@@ -94,7 +94,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     else:
         model, x, y = new_site_model(run, site), site.test_x, site.test_y
     model.load_state_dict(msg.content.array_records["model"].to_torch_state_dict())
-    acc, loss = evaluate(model, x, y, run.cfg["test_batch_size"]) if y.numel() else (0.0, 0.0)
+    acc, loss = evaluate(model, x, y, run.cfg.test_batch_size) if y.numel() else (0.0, 0.0)
     return Message(RecordDict({"metrics": MetricRecord({"accuracy": acc, "loss": loss, "num-examples": int(y.numel())})}),
                    reply_to=msg)
 

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from ..algorithms import Federation, build_algorithm
+from ..config import RunConfig
 from ..data import DataSet
 from ..engine.experiment import Experiment, prepare, resolve_device
 from ..engine.recorder import Recorder
@@ -40,7 +41,7 @@ app = ServerApp()
 
 def results_dir(run: FlowerRunConfig) -> Path:
     cfg = run.cfg
-    return Path(run.flower["out"]) if run.flower["out"] else default_run_dir("flower", cfg["algorithm"], cfg["dataset"])
+    return Path(run.flower["out"]) if run.flower["out"] else default_run_dir("flower", cfg.algorithm, cfg.dataset)
 
 
 class CentralEvaluation:
@@ -71,7 +72,7 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     """Prepare the experiment exactly as ``fedmr run`` does (or, with ``flower.data = "node"``, from
     what the sites hold), then let Flower drive the rounds."""
     run = split_run_config(run_config)
-    if run.cfg["dropout_rate"] > 0:
+    if run.cfg.dropout_rate > 0:
         raise ConfigError("dropout_rate is the simulator's stand-in for failing clients; on Flower keep it 0 "
                           "(real SuperNodes fail by themselves, and flower.faults injects failures)")
     resume = bool(run.flower["resume"])
@@ -84,8 +85,8 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     algorithm = build_algorithm(run.cfg, exp.federation)
     recorder = Recorder(exp.cfg, exp, algorithm, writer, extra_columns=FED_COLUMNS if fraction_evaluate > 0 else ())
     rounds_before = recorder.start(resume)
-    strategy = AlgorithmStrategy(algorithm, seed=run.cfg["seed"], reference=exp.initial_state,
-                                 max_update_norm=float(run.cfg["max_update_norm"]),
+    strategy = AlgorithmStrategy(algorithm, seed=run.cfg.seed, reference=exp.initial_state,
+                                 max_update_norm=float(run.cfg.max_update_norm),
                                  node_wait=float(run.flower["node_wait"]),
                                  message_log=out / "messages.jsonl" if run.flower["log_messages"] else None,
                                  rounds_before=rounds_before, fraction_evaluate=fraction_evaluate,
@@ -93,9 +94,9 @@ def run_server(grid: Grid, run_config: dict[str, Any]) -> Path:
     if isinstance(exp, SiteExperiment):
         strategy.node_of.update(exp.node_of)
     evaluation = CentralEvaluation(recorder, strategy)
-    if rounds_before < run.cfg["rounds"]:
+    if rounds_before < run.cfg.rounds:
         strategy.start(grid, ArrayRecord({k: v.detach().cpu() for k, v in algorithm.global_state().items()}),
-                       num_rounds=run.cfg["rounds"] - rounds_before, timeout=float(run.flower["round_timeout"]),
+                       num_rounds=run.cfg.rounds - rounds_before, timeout=float(run.flower["round_timeout"]),
                        evaluate_fn=evaluation)
     recorder.finish({"engine": "flower"})
     log.info("results in %s", out)
@@ -118,7 +119,7 @@ class SiteExperiment(Experiment):
         assert self.site_federation is not None
         return self.site_federation
 
-    def write_clients(self, writer: RunWriter, cfg: dict[str, Any]) -> None:
+    def write_clients(self, writer: RunWriter, cfg: RunConfig) -> None:
         atomic_write_text(writer.dir / "sites.json", json.dumps(self.partition_summary, indent=1))
 
 
@@ -129,11 +130,11 @@ def site_experiment(run: FlowerRunConfig, grid: Grid) -> SiteExperiment:
     cfg = run.cfg
     server_test = read_site(cfg, run.flower["server_test_dir"], need_train=False) if run.flower["server_test_dir"] else None
     reference = (server_test.classes, server_test.shape, f"the server's test set {server_test.path}") if server_test else None
-    sites = discover_sites(grid, cfg["num_clients"], float(run.flower["node_wait"]), reference)
+    sites = discover_sites(grid, cfg.num_clients, float(run.flower["node_wait"]), reference)
     first = sites[0][1]
     classes, shape = list(first["classes"]), list(first["shape"])
     model_name, build = site_model(cfg, len(classes), shape, first["default-model"])
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     nothing = torch.zeros(0, *shape)
     test_x, test_y = (server_test.test_x, server_test.test_y) if server_test else (nothing, torch.zeros(0, dtype=torch.long))
     data = DataSet("sites", nothing, torch.zeros(0, dtype=torch.long), test_x, test_y, len(classes), classes,

@@ -10,6 +10,7 @@ other and with its own test set if it has one, and builds the federation and the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from ..algorithms.base import Federation
-from ..data import DataSet, load_dataset, normalization
+from ..config import RunConfig
+from ..data import DataSet, DataSource, load_dataset, normalization
 from ..data.imagefolder import DEFAULT_NORMALIZATION, decode_all
 from ..errors import DataError
 from ..seeding import derive_seed
@@ -73,30 +75,31 @@ def cached_site(config_key: str, path: str) -> SiteData:
     """One load per ClientApp process, run config and folder (a long-lived ClientApp reuses it)."""
     from ..engine.experiment import resolve_device
 
-    cfg = json.loads(config_key)
+    cfg = RunConfig.of(json.loads(config_key))
     site = read_site(cfg, path)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
     for name in ("train_x", "train_y", "test_x", "test_y"):
         setattr(site, name, getattr(site, name).to(device))
     return site
 
 
 def read_site(cfg: Mapping[str, Any], path: str, need_train: bool = True) -> SiteData:
+    source = DataSource.of(cfg)
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"data-dir {root} does not exist")
     if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
         raise DataError(f"data-dir {root} is not a readable folder")
-    if cfg["dataset"] == "imagefolder":
+    if source.dataset == "imagefolder":
         if not any(root.iterdir()):  # (an empty folder; one without train/ is the loader's error)
             raise DataError(f"data-dir {root} is empty (expected train/<class>/* images, as fedmr partition --export writes)")
         arrays, meta = decode_all(root, site=True)
-        affine = normalization.resolve(cfg["normalization"], DEFAULT_NORMALIZATION, arrays["train_x"].shape[3])
+        affine = normalization.resolve(source.normalization, DEFAULT_NORMALIZATION, arrays["train_x"].shape[3])
         site = SiteData(str(root), normalization.to_tensor(arrays["train_x"], affine), torch.from_numpy(arrays["train_y"]),
                         normalization.to_tensor(arrays["test_x"], affine), torch.from_numpy(arrays["test_y"]),
                         list(meta["classes"]))
     else:
-        data: DataSet = load_dataset({**cfg, "data_dir": str(root)})
+        data: DataSet = load_dataset(dataclasses.replace(source, data_dir=str(root)))
         site = SiteData(str(root), data.train_x, data.train_y, data.test_x, data.test_y,
                         list(data.classes) or [str(c) for c in range(data.num_classes)], data.default_model)
     if need_train and site.train_y.numel() == 0:
@@ -131,15 +134,15 @@ def check_sites(sites: Sequence[tuple[int, Mapping[str, Any]]],
                             f"{'x'.join(map(str, shape))} (from {source})")
 
 
-def site_federation(cfg: Mapping[str, Any], sites: Sequence[tuple[int, Mapping[str, Any]]]) -> Federation:
+def site_federation(cfg: RunConfig, sites: Sequence[tuple[int, Mapping[str, Any]]]) -> Federation:
     """Client i is the i-th site (in ``strategy.site_order``)."""
-    return Federation(num_clients=len(sites), clients_per_round=cfg["clients_per_round"],
+    return Federation(num_clients=len(sites), clients_per_round=cfg.clients_per_round,
                       client_sizes=tuple(int(info["num-examples"]) for _, info in sites),
-                      num_classes=len(sites[0][1]["classes"]), seed=cfg["seed"],
+                      num_classes=len(sites[0][1]["classes"]), seed=cfg.seed,
                       label_counts=tuple(tuple(int(c) for c in info["label-counts"]) for _, info in sites))
 
 
-def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
+def site_model(cfg: RunConfig, num_classes: int, shape: Sequence[int],
                default_model: str) -> tuple[str, Callable[[], torch.nn.Module]]:
     """(the model's name, a builder) for the sites' samples: the config's model (a built-in, "auto" or a
     plug-in) resolved as ``engine.experiment.prepare`` resolves it, from the shape the sites report."""
@@ -148,11 +151,11 @@ def site_model(cfg: Mapping[str, Any], num_classes: int, shape: Sequence[int],
     from ..models import model_builder
 
     probe = SimpleNamespace(train_x=torch.zeros(0, *shape), num_classes=num_classes, default_model=default_model)
-    name, build, _ = model_builder(cfg["model"], probe)
+    name, build, _ = model_builder(cfg.model, probe)
     return name, build
 
 
-def initial_state(cfg: Mapping[str, Any], build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
+def initial_state(cfg: RunConfig, build: Callable[[], torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The initial model drawn from the config's seed, as ``engine.experiment.prepare`` draws it."""
-    torch.manual_seed(derive_seed(cfg["seed"], "init"))
+    torch.manual_seed(derive_seed(cfg.seed, "init"))
     return clone_state(build())

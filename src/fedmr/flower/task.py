@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..algorithms.base import TrainResult, TrainTask
-from ..config import default_config, merge, validate
+from ..config import RunConfig, default_config, merge, validate
 from ..engine.experiment import Experiment, prepare
 from ..errors import ConfigError
 
@@ -43,7 +43,7 @@ DATA_MODES = ("partition", "node")
 
 @dataclass(frozen=True)
 class FlowerRunConfig:
-    cfg: dict[str, Any]
+    cfg: RunConfig
     flower: dict[str, Any]
 
 

@@ -44,7 +44,7 @@ def _matches(status: Any, key: str, value: Any) -> bool:
     if key == "state":
         return status.state == str(value)
     if key == "algorithm":
-        return cell.cfg["algorithm"] == value or any(m.method == value for m in cell.memberships)
+        return cell.cfg.algorithm == value or any(m.method == value for m in cell.memberships)
     node: Any = cell.cfg
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -71,7 +71,7 @@ def _listing(statuses: list[Any], file: str) -> str:
     lines = [f"{file}: {len(statuses)} cells ({describe(statuses)})",
              f"{'prio':<5}{'state':<9}{'rounds':<11}{'cell':<{width}}folder"]
     for s in statuses:
-        rounds = f"{s.rounds_done}/{s.cell.cfg['rounds']}"
+        rounds = f"{s.rounds_done}/{s.cell.cfg.rounds}"
         lines.append(f"{s.cell.priority:<5}{s.state:<9}{rounds:<11}{s.cell.name:<{width}}{s.folder}")
     return "\n".join(lines)
 
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_done(status: Any, result: Any) -> None:
         from .index import Status
 
-        statuses[by_name[status.cell.name]] = Status(status.cell, "done", status.folder, status.cell.cfg["rounds"])
+        statuses[by_name[status.cell.name]] = Status(status.cell, "done", status.folder, status.cell.cfg.rounds)
         write_index(study, statuses)
 
     if not todo:

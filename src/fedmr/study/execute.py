@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from .index import Status
 
 
@@ -36,7 +37,7 @@ def late_mean(rows: list[dict[str, Any]], rounds: int, fraction: float) -> float
     return sum(accs) / len(accs) if accs else None
 
 
-def run_cell(cfg: dict[str, Any], folder: Path, progress: str = "none", label: str | None = None,
+def run_cell(cfg: RunConfig, folder: Path, progress: str = "none", label: str | None = None,
              handle_signals: bool = True, late_fraction: float = 0.2) -> CellResult:
     """Run (or resume) one cell in ``folder``; with ``handle_signals`` a SIGINT/SIGTERM finishes the
     round, writes a checkpoint and returns ``stopped``, as ``fedmr run`` does."""
@@ -55,7 +56,7 @@ def run_cell(cfg: dict[str, Any], folder: Path, progress: str = "none", label: s
     seconds = time.perf_counter() - start
     if outcome.stopped_after is not None:
         return CellResult(folder.name, int(simulation.stop_requested) or signal.SIGTERM, seconds, {})
-    return CellResult(folder.name, 0, seconds, outcome.summary, late_mean(outcome.rows, cfg["rounds"], late_fraction))
+    return CellResult(folder.name, 0, seconds, outcome.summary, late_mean(outcome.rows, cfg.rounds, late_fraction))
 
 
 def _duration(seconds: float) -> str:
@@ -132,7 +133,7 @@ def _pool_init(slots: Any, parent: int) -> None:
     torch.set_num_threads(len(cores))
 
 
-def _pool_cell(cfg: dict[str, Any], folder: str, late_fraction: float) -> CellResult:
+def _pool_cell(cfg: RunConfig, folder: str, late_fraction: float) -> CellResult:
     return run_cell(cfg, Path(folder), "none", late_fraction=late_fraction)
 
 
@@ -183,14 +184,14 @@ def run_pool(todo: list[Status], jobs: int, progress: Progress, on_done: Callabl
 
 
 # ---- Ray tasks ------------------------------------------------------------------------------------------
-def _ray_cell(cfg: dict[str, Any], folder: str, cwd: str, cpus: int, late_fraction: float) -> CellResult:
+def _ray_cell(cfg: RunConfig, folder: str, cwd: str, cpus: int, late_fraction: float) -> CellResult:
     """A Ray task: the study's paths are relative to the driver's directory, which every node must see
     at the same path (a shared folder); a retried task resumes from the cell's last checkpoint."""
     import torch
 
     os.chdir(cwd)
     torch.set_num_threads(cpus)
-    return run_cell({**cfg, "workers": 1}, Path(folder), "none", handle_signals=False, late_fraction=late_fraction)
+    return run_cell(cfg.replace(workers=1), Path(folder), "none", handle_signals=False, late_fraction=late_fraction)
 
 
 def run_ray(todo: list[Status], address: str, cpus: int, retries: int, progress: Progress,

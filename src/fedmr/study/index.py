@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import read_toml, to_toml
+from ..config import RunConfig, read_toml, to_toml
 from ..errors import ConfigError, FedMRError
 from ..fileio import atomic_write_text
 from .spec import Cell, Study, difference, result_config
@@ -78,11 +79,11 @@ class RunFinder:
                     self.runs.setdefault(self.key(cfg, rounds), []).append(folder)
 
     @staticmethod
-    def key(cfg: dict[str, Any], rounds: int | None) -> str:
+    def key(cfg: Mapping[str, Any], rounds: int | None) -> str:
         return json.dumps(result_config(cfg), sort_keys=True) + f"|rounds={rounds}"
 
-    def find(self, cfg: dict[str, Any]) -> Path | None:
-        found = self.runs.get(self.key(cfg, cfg["rounds"]))
+    def find(self, cfg: RunConfig) -> Path | None:
+        found = self.runs.get(self.key(cfg, cfg.rounds))
         return found[0] if found else None
 
 
@@ -117,9 +118,9 @@ def resolve(study: Study) -> list[Status]:
     statuses = []
     for cell in study.cells:
         own = study.output / cell.name
-        rounds = cell.cfg["rounds"]
+        rounds = cell.cfg.rounds
 
-        def holds(folder: Path, rounds: int = rounds, cell_cfg: dict = cell.cfg) -> bool:
+        def holds(folder: Path, rounds: int = rounds, cell_cfg: RunConfig = cell.cfg) -> bool:
             cfg = _config(folder)
             return finished_rounds(folder) == rounds and cfg is not None and difference(cfg, cell_cfg) is None
 

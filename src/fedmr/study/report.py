@@ -95,12 +95,12 @@ class Entry:
 
     @property
     def rounds(self) -> int:
-        return int(self.status.cell.cfg["rounds"])
+        return self.status.cell.cfg.rounds
 
     @property
     def variant(self) -> str:
         """The algorithm variant as declared (``fedmr@first_stage_rounds=50``), without the other settings."""
-        return self.membership.method or self.status.cell.cfg["algorithm"]
+        return self.membership.method or self.status.cell.cfg.algorithm
 
     @property
     def state(self) -> str:
@@ -110,7 +110,7 @@ class Entry:
 
     @property
     def seed(self) -> int:
-        return int(self.status.cell.cfg["seed"])
+        return self.status.cell.cfg.seed
 
     @property
     def het(self) -> str:
@@ -265,7 +265,7 @@ class Page:
         self.entries: list[Entry] = []
         self.parked: dict[str, Parked] = {}
         for s in statuses:
-            stats = cell_stats(s.folder, s.cell.cfg["rounds"], fraction, thresholds) if s.finished else None
+            stats = cell_stats(s.folder, s.cell.cfg.rounds, fraction, thresholds) if s.finished else None
             held = None if s.finished else parked(s.folder)
             if held:
                 self.parked[s.cell.name] = held
@@ -298,16 +298,16 @@ class Page:
     # -- sections --
     def header(self) -> None:
         b, o = self.study.base, self.o
-        rounds = b["rounds"]
+        rounds = b.rounds
         start = rounds - round(rounds * float(o["late_fraction"]))
         self.add(GENERATED.format(file=self.file), "", f"# {o['title']}", "")
         if o["description"]:
             self.add(o["description"].strip(), "")
-        model = b["model"]
-        self.add(f"Setting (the study's base config): data set `{b['dataset']}` (`{b['data_dir']}`), model `{model}`, "
-                 f"{b['num_clients']} clients, {b['clients_per_round']} per round, {b['local_epochs']} local epochs, "
-                 f"batch {b['batch_size']}, SGD lr {b['lr']:g} momentum {b['momentum']:g}, {rounds} rounds, "
-                 f"test accuracy of the global model every {b['eval_every']} rounds. Cells change this as their "
+        model = b.model
+        self.add(f"Setting (the study's base config): data set `{b.dataset}` (`{b.data_dir}`), model `{model}`, "
+                 f"{b.num_clients} clients, {b.clients_per_round} per round, {b.local_epochs} local epochs, "
+                 f"batch {b.batch_size}, SGD lr {b.lr:g} momentum {b.momentum:g}, {rounds} rounds, "
+                 f"test accuracy of the global model every {b.eval_every} rounds. Cells change this as their "
                  "names say.", "",
                  f"**Accuracy** below is the mean test accuracy over rounds {start + 1}-{rounds} (the last "
                  f"{100 * float(o['late_fraction']):g}% of the rounds), in percent; **best** is the highest evaluated "
@@ -505,8 +505,8 @@ class Page:
                  "MOON's previous model (clients are stateless in fedmr, so client-owned state such as MOON's "
                  "previous model and SCAFFOLD's c_i is sent back down each time: **client state** is that part of "
                  "down). FedGen's label counts are given to the server at set-up in fedmr, not sent per round. "
-                 f"Measured on probe runs ({cfg['rounds']} rounds of {cfg['local_epochs']} local "
-                 f"epoch{'' if cfg['local_epochs'] == 1 else 's'}, "
+                 f"Measured on probe runs ({cfg.rounds} rounds of {cfg.local_epochs} local "
+                 f"epoch{'' if cfg.local_epochs == 1 else 's'}, "
                  f"{entries[0].het}, seed {entries[0].seed}): the same seed, partition, model and clients per round as "
                  "the main cells, so the same tensors cross the wire; training does not change what is exchanged. "
                  f"**last**: the round of the probe's last evaluation{f' (round {lasts})' if lasts else ''}; "
@@ -608,7 +608,7 @@ class Page:
         # from any checkout of the same run folders (`fedmr study run FILE --dry-run` shows the local progress)
         self.add(f"`fedmr study run {self.file}` runs them all (resuming any that have a checkpoint; `--dry-run` "
                  "shows how far each got on this machine); one at a time:", "")
-        rows = [[str(s.cell.priority), s.cell.name + (f", partial ({p.rounds_done} of {s.cell.cfg['rounds']} rounds "
+        rows = [[str(s.cell.priority), s.cell.name + (f", partial ({p.rounds_done} of {s.cell.cfg.rounds} rounds "
                                                      "parked)" if (p := self.parked.get(s.cell.name)) else ""),
                  f"`fedmr study run {self.file} --only name={s.cell.name}`"] for s in missing]
         self.add(*_table(["priority", "cell", "command"], rows))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import default_config, merge, read_toml, validate
+from ..config import RunConfig, default_config, merge, read_toml, validate
 from ..engine.checkpoint import RESUMABLE_CHANGES
 from ..errors import ConfigError
 
@@ -58,7 +58,7 @@ class Membership:
 @dataclass
 class Cell:
     name: str
-    cfg: dict[str, Any]
+    cfg: RunConfig
     memberships: list[Membership] = field(default_factory=list)
 
     @property
@@ -70,7 +70,7 @@ class Cell:
 class Study:
     path: Path
     options: dict[str, Any]
-    base: dict[str, Any]
+    base: RunConfig
     cells: list[Cell]
 
     @property
@@ -138,9 +138,9 @@ def _flatten(table: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     return flat
 
 
-def apply(base: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The base config with one cell's settings; validated."""
-    cfg = copy.deepcopy(base)
+def apply(base: Mapping[str, Any], settings: Mapping[str, Any]) -> RunConfig:
+    """The base config with one cell's settings; checked."""
+    cfg = copy.deepcopy(dict(base))
     for key, value in settings.items():
         if key == "algorithm":
             if not isinstance(value, str):
@@ -156,12 +156,12 @@ def apply(base: dict[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
         for part in reversed(key.split(".")):
             nested = {part: nested}
         merge(cfg, nested)
-    cfg = validate(cfg)
+    config = validate(cfg)
     from ..models import MODELS
 
-    if cfg["model"] != "auto" and ":" not in cfg["model"] and cfg["model"] not in MODELS:  # ':' a plug-in's import string
-        raise ConfigError(f"unknown model '{cfg['model']}' (choose from auto, {', '.join(MODELS)})")
-    return cfg
+    if config.model != "auto" and ":" not in config.model and config.model not in MODELS:  # ':' a plug-in's import string
+        raise ConfigError(f"unknown model '{config.model}' (choose from auto, {', '.join(MODELS)})")
+    return config
 
 
 def _token(key: str, value: Any) -> str:
@@ -254,9 +254,7 @@ def load_study(path: str | Path) -> Study:
     if isinstance(options["reuse"], str) or not isinstance(options["reuse"], list):
         raise ConfigError(f"study {path}: 'study.reuse' must be a list of folders")
     try:
-        base = default_config()
-        merge(base, doc.get("base", {}))
-        base = validate(base)
+        base = validate(merge(default_config(), doc.get("base", {})))
     except ConfigError as exc:
         raise ConfigError(f"study {path}: [base]: {exc}") from None
     declared: list[tuple[Membership, list[dict[str, Any]], str]] = []
@@ -279,7 +277,7 @@ def load_study(path: str | Path) -> Study:
             except ConfigError as exc:
                 shown = ", ".join(f"{k} = {v!r}" for k, v in settings.items())
                 raise ConfigError(f"{where}, cell {shown}: {exc}") from None
-            key = json.dumps(result_config(cfg), sort_keys=True) + f"|rounds={cfg['rounds']}"
+            key = json.dumps(result_config(cfg), sort_keys=True) + f"|rounds={cfg.rounds}"
             entry = Membership(membership.priority, membership.section, membership.title, settings)
             if key not in cells:
                 name = cell_name(settings)
@@ -291,7 +289,7 @@ def load_study(path: str | Path) -> Study:
     return Study(path, options, base, list(cells.values()))
 
 
-def heterogeneity(cfg: Mapping[str, Any]) -> str:
-    if cfg["partition"] == "dirichlet":
-        return f"alpha {cfg['alpha']}"
-    return "IID" if cfg["partition"] == "iid" else str(cfg["partition"])
+def heterogeneity(cfg: RunConfig) -> str:
+    if cfg.partition == "dirichlet":
+        return f"alpha {cfg.alpha}"
+    return "IID" if cfg.partition == "iid" else str(cfg.partition)
