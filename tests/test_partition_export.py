@@ -98,6 +98,7 @@ def test_sites_that_cannot_take_part_get_one_clear_line(exported, tmp_path):
         check_sites([(1, good), (2, {**good, "shape": [3, 32, 32]})])
     assert client_error("<class 'fedmr.errors.DataError'>:<'data-dir /x is empty'>") == "data-dir /x is empty"
     assert client_error("<class 'KeyError'>:<'boom'>") == "KeyError: boom"
+    assert client_error(None) == client_error("") == "the ClientApp failed without a reason"  # Flower: an empty reason is None
 
 
 def test_partition_needs_out_or_export(capsys):

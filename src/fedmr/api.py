@@ -151,7 +151,8 @@ def _progress(progress: bool | None) -> str:
 
 def _checked(callbacks: Sequence[Callback]) -> list[Callback]:
     """Checked before any data is loaded; each gets a copy of the row (the recorder keeps its rows)."""
-    return [lambda row, cb=cb: cb(dict(row)) for cb in check_callbacks(callbacks)]
+    copying: list[Callable[..., None]] = [lambda row, cb=cb: cb(dict(row)) for cb in check_callbacks(callbacks)]
+    return copying
 
 
 def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg", "fedmr"), *, model: ModelArg = None,

@@ -14,7 +14,7 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], before_rename: Callable[[], None] | None = None) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], before_rename: Callable[[], None] | None = None) -> None:
     """``write`` fills ``temporary_name(path)``, which is fsynced and renamed onto ``path``: a crash
     leaves either the old file or the new one, never half of one."""
     tmp = temporary_name(path)

@@ -159,6 +159,7 @@ class VGG16(FLModel):
             if item == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
+                assert isinstance(item, int)  # VGG16_LAYOUT: widths, and "M" for a pooling layer
                 layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
                 channels = item
         self.body = nn.Sequential(*layers)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -37,7 +37,8 @@ class PartitionSpec:
     @classmethod
     def of(cls, cfg: PartitionSpec | Mapping[str, Any]) -> PartitionSpec:
         """From a run config (or any mapping of its keys)."""
-        return cfg if isinstance(cfg, cls) else cls(**{f.name: cfg[f.name] for f in fields(cls)})
+        # cast: mypy does not narrow on isinstance(cfg, cls); not a PartitionSpec there, so a mapping
+        return cfg if isinstance(cfg, cls) else cls(**{f.name: cast(Mapping[str, Any], cfg)[f.name] for f in fields(cls)})
 
 
 def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator) -> Partition:

@@ -28,7 +28,7 @@ from .fedmr import FedMR
 # isort: on
 
 
-def algorithm_class(spec: str, key: str = "algorithm") -> type:
+def algorithm_class(spec: str, key: str = "algorithm") -> type[Algorithm]:
     """The Algorithm subclass a built-in name or an import string names."""
     if not is_import_string(spec):
         if spec not in ALGORITHMS:

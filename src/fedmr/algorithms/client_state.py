@@ -8,6 +8,7 @@ flattened to ``<prefix><client id>.<key>`` tensors for checkpoints.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import overload
 
 import torch
 
@@ -29,6 +30,10 @@ class ClientStore:
     def __iter__(self) -> Iterator[int]:
         return iter(sorted(self._states))
 
+    @overload
+    def get(self, client_id: int, default: State) -> State: ...
+    @overload
+    def get(self, client_id: int, default: State | None = None) -> State | None: ...
     def get(self, client_id: int, default: State | None = None) -> State | None:
         return self._states.get(client_id, default)
 

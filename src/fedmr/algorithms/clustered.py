@@ -102,6 +102,7 @@ def sampling_distributions(clusters: np.ndarray, weights: np.ndarray, m: int, rn
     kept, rest = order[::-1][:m], order[: max(len(order) - m, 0)]
     rows = np.zeros((m, n))
     leftovers: list[tuple[int, float]] = []
+    i: int | np.integer  # a numpy index from flatnonzero first, an int from leftovers below
     for k, c in enumerate(kept):
         for i in np.flatnonzero(clusters == c):
             take = min(mass[i], 1.0 - rows[k].sum())  # only a client heavier than 1/m overflows its row

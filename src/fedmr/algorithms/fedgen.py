@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from ..seeding import derive_seed
 from ..training import LocalSettings, LossFn, cross_entropy
 from .base import Federation, Options, TrainResult, TrainTask, option, prefixed, register_algorithm, unprefixed
 from .fedavg import FedAvg
+
+if TYPE_CHECKING:
+    from ..models import FLModel
 
 MIN_SAMPLES_PER_LABEL = 1  # a label trains the generator only if some client holds more than this
 
@@ -103,12 +106,13 @@ def fedgen_loss(generator: Generator, mu_teacher: float, mu_latent: float, gen_b
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
+        net = cast("FLModel", model)  # every model has features and head (models.py); typed for them
         with torch.no_grad():
-            target = F.softmax(model.head(generator(y, generator.noise(y.shape[0], rng))), dim=1)
+            target = F.softmax(net.head(generator(y, generator.noise(y.shape[0], rng))), dim=1)
             sampled = torch.randint(num_classes, (gen_batch_size,), generator=rng, device=rng.device).to(y.device)
             z = generator(sampled, generator.noise(gen_batch_size, rng))
         latent = F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
-        teacher = F.cross_entropy(model.head(z), sampled)
+        teacher = F.cross_entropy(net.head(z), sampled)
         return loss + ratio * mu_teacher * teacher + mu_latent * latent
 
     return loss_fn
@@ -239,7 +243,7 @@ class FedGen(FedAvg):
     def local_update(self, model: nn.Module, task: TrainTask, x: torch.Tensor, y: torch.Tensor,
                      settings: LocalSettings, generator: torch.Generator) -> TrainResult:
         model.load_state_dict(task.state)
-        loss_fn = cross_entropy
+        loss_fn: LossFn = cross_entropy
         if "generator" in task.payload:
             o, round_idx = self.options, int(task.payload["round"])
             weight = task.payload["generator"]["out.weight"]

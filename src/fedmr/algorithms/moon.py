@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from ..training import LocalSettings, LossFn
 from .base import Options, TrainResult, TrainTask, option, prefixed, register_algorithm, unprefixed
 from .client_state import ClientStore
 from .fedavg import FedAvg
+
+if TYPE_CHECKING:
+    from ..models import FLModel
 
 
 def contrastive_term(z: torch.Tensor, z_global: torch.Tensor, z_previous: torch.Tensor | None,
@@ -61,11 +65,12 @@ def moon_loss(global_model: nn.Module, previous_model: nn.Module | None, mu: flo
     """Cross-entropy + mu * l_con on the models' ``features``."""
 
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        z = model.features(x)
-        ce = F.cross_entropy(model.head(z), y)
+        net = cast("FLModel", model)  # every model has features and head (models.py); typed for them
+        z = net.features(x)
+        ce = F.cross_entropy(net.head(z), y)
         with torch.no_grad():
-            z_global = global_model.features(x)
-            z_previous = previous_model.features(x) if previous_model is not None else None
+            z_global = cast("FLModel", global_model).features(x)
+            z_previous = cast("FLModel", previous_model).features(x) if previous_model is not None else None
         return ce + mu * contrastive_term(z, z_global, z_previous, temperature)
 
     return loss_fn

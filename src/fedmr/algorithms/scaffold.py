@@ -133,8 +133,9 @@ class Scaffold(FedAvg):
 
         def correct(_: nn.Module) -> None:
             for key, total in grad_sum.items():
-                if params[key].grad is not None:
-                    total.add_(params[key].grad)  # before the correction: the client's own gradient
+                own = params[key].grad
+                if own is not None:
+                    total.add_(own)  # before the correction: the client's own gradient
             for key, value in correction.items():
                 grad = params[key].grad
                 if grad is not None:

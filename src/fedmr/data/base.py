@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -124,8 +124,9 @@ class DataSource:
         """From a run config (or any mapping of its keys)."""
         if isinstance(cfg, cls):
             return cfg
-        given = {f.name: cfg[f.name] for f in fields(cls) if f.name in cfg and f.name != "options"}
-        return cls(**given, options=dict(cfg.get(given["dataset"]) or {}))
+        mapping = cast(Mapping[str, Any], cfg)  # not a DataSource: mypy does not narrow on isinstance(cfg, cls)
+        given = {f.name: mapping[f.name] for f in fields(cls) if f.name in mapping and f.name != "options"}
+        return cls(**given, options=dict(mapping.get(given["dataset"]) or {}))
 
 
 Loader = Callable[[DataSource], DataSet]

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ RELEASES = {
 
 def _safe_globals() -> dict[tuple[str, str], Any]:
     """The only callables a CIFAR pickle needs: numpy's array and dtype reconstruction."""
+    multiarray: ModuleType  # from numpy._core (2.x) or numpy.core (1.x)
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy 1.x

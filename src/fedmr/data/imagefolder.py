@@ -38,8 +38,8 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            img = img.convert("L" if img.mode in GRAY_MODES else "RGB")
-            pixels = np.asarray(img, dtype=np.uint8)
+            converted = img.convert("L" if img.mode in GRAY_MODES else "RGB")
+            pixels = np.asarray(converted, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"image {where} does not decode: {exc}") from None
     return pixels[:, :, None] if pixels.ndim == 2 else pixels

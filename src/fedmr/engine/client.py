@@ -8,6 +8,7 @@ runners, so none of them imports another to reach it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -35,8 +36,14 @@ class ClientData:
         return [int(i.numel()) for i in self.indices]
 
 
+class ClientSamples(Protocol):
+    """What ``train_client`` reads: a ``ClientData``, or a Flower site's ``SiteData`` (flower/sites.py)."""
+
+    def client(self, client_id: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def train_client(
-    algorithm: Algorithm, model: nn.Module, task: TrainTask, data: ClientData,
+    algorithm: Algorithm, model: nn.Module, task: TrainTask, data: ClientSamples,
     settings: LocalSettings, seed: int, round_idx: int,
 ) -> TrainResult:
     """One client's local update with its own derived random streams."""

@@ -70,7 +70,8 @@ class Experiment:
         model = self.build()
         model.load_state_dict(self.initial_state)
         # channels_last touches 4-D (convolution) weights only, so other models stay as they are
-        return model.to(self.device, memory_format=torch.channels_last)
+        # torch's stubs lack Module.to's memory_format overload (documented and accepted at runtime)
+        return model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:

@@ -82,6 +82,7 @@ def _worker_main(conn: Connection, parent_pid: int, algorithm: Algorithm, model:
         if request is None:
             return
         round_idx, task = request
+        reply: tuple[str, TrainResult | str]
         try:
             reply = ("ok", train_client(algorithm, model, task, data, settings, seed, round_idx))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
@@ -196,24 +197,26 @@ class ProcessPoolRunner:
             wait_s = max(0.0, min(w.started + self.timeout for w in busy) - now)
         ready = wait([w.conn for w in busy], timeout=wait_s)
         for worker in busy:
+            slot = worker.slot
+            assert slot is not None  # busy; only this worker's own turn below frees its slot
             if worker.conn in ready:
                 try:
                     status, payload = pickle.loads(worker.conn.recv_bytes())
                 except (EOFError, OSError):
-                    client = tasks[worker.slot].client_id
+                    client = tasks[slot].client_id
                     self._replace(worker)
                     raise WorkerError(f"round {round_idx + 1}: the worker training client {client} died "
                                       f"(exit code {worker.process.exitcode})") from None
                 if status == "error":
                     worker.slot = None
                     raise WorkerError(payload)
-                done[worker.slot] = payload
+                done[slot] = payload
                 worker.slot = None
             elif self.timeout > 0 and time.monotonic() - worker.started >= self.timeout:
-                task = tasks[worker.slot]
+                task = tasks[slot]
                 log.warning("round %d: client %d ran past client_timeout = %gs and was dropped",
                             round_idx + 1, task.client_id, self.timeout)
-                done[worker.slot] = None
+                done[slot] = None
                 worker.slot = None
                 self._replace(worker)
 

@@ -108,6 +108,7 @@ class Recorder:
             if resume:
                 done, self.rows, elapsed, counters = resume_from_checkpoint(
                     self.writer.dir, self.algorithm, self.fingerprint, self.rounds, self.exp.device)
+                assert self.totals is not None  # as __init__ set it: start() runs once, before any round
                 if done and not set(self.totals) <= set(counters):  # its earlier rounds' traffic was never counted
                     self.totals = None
                 else:

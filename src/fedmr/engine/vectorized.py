@@ -91,7 +91,7 @@ def _client_schedule(indices: torch.Tensor, settings: LocalSettings, generator: 
     """The client's batches as global sample indices, drawn exactly as ``train_sgd`` draws them."""
     n = indices.numel()
     slices = batch_slices(n, settings.batch_size)
-    batches = []
+    batches: list[torch.Tensor] = []
     for _ in range(settings.epochs):
         order = torch.randperm(n, generator=generator, device=generator.device).to(indices.device)
         shuffled = indices[order]
@@ -134,8 +134,8 @@ class _DropoutMasks:
 def _masked_dropout(modules: list[nn.Dropout], queue: list[torch.Tensor]):
     """The dropout layers multiply by the next given mask instead of drawing one (while inside)."""
 
-    def masked(x: torch.Tensor) -> torch.Tensor:
-        return x * queue.pop(0)
+    def masked(input: torch.Tensor) -> torch.Tensor:  # named as nn.Dropout.forward's argument
+        return input * queue.pop(0)
 
     for module in modules:
         module.forward = masked  # type: ignore[method-assign]

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..algorithms import Federation, build_algorithm
-from ..engine.client import ClientData, train_client
+from ..engine.client import ClientData, ClientSamples, train_client
 from ..errors import PartitionError
 from ..training import evaluate
 from .sites import SiteData, cached_site, node_data_dir, site_model
@@ -53,13 +53,15 @@ def query(msg: Message, context: Context) -> Message:
 def new_site_model(run: FlowerRunConfig, site: SiteData) -> torch.nn.Module:
     """The run's model for this site's samples, resolved as the ServerApp resolves it."""
     _, build = site_model(run.cfg, len(site.classes), site.shape, site.default_model)
-    return build().to(site.train_x.device, memory_format=torch.channels_last)
+    # torch's stubs lack Module.to's memory_format overload (documented and accepted at runtime)
+    return build().to(site.train_x.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     run, site = node_mode(context)
     task, round_idx = decode_task(msg.content)
+    data: ClientSamples
     if site is None:
         run, exp = cached_experiment(config_key(context.run_config))
         pid, parts = node_partition(context)

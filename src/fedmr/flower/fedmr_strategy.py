@@ -144,7 +144,10 @@ class FedIndep(FedAvg):
             problem, state, weight = reply_problem(reply, self.weighted_by_key)
             if problem is None and slot is None:
                 problem = "this node was not asked this round"
-            result = TrainResult(slot, slot, state, int(weight)) if problem is None else None
+            result = None
+            if problem is None:
+                assert slot is not None and state is not None  # else a problem above (reply_problem gives a state)
+                result = TrainResult(slot, slot, state, int(weight))
             received = 0 if reply.has_error() else message_array_bytes(reply.content)  # sound or not
             if fold.offer(result, received=received, problem=problem, sender=f"the reply of node {node}",
                           note="; its slot keeps its model") is not None:

@@ -109,8 +109,11 @@ def read_site(cfg: Mapping[str, Any], path: str, need_train: bool = True) -> Sit
 
 # ---- server side ------------------------------------------------------------------------
 
-def client_error(reason: str) -> str:
-    """A ClientApp's exception as Flower reports it, "<class 'fedmr.errors.DataError'>:<'...'>", as one line."""
+def client_error(reason: str | None) -> str:
+    """A ClientApp's exception as Flower reports it, "<class 'fedmr.errors.DataError'>:<'...'>", as one line
+    (Flower gives None for an empty reason)."""
+    if not reason:
+        return "the ClientApp failed without a reason"
     match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason, flags=re.S)
     if not match:
         return reason

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -59,7 +59,10 @@ def ask_nodes(grid: Grid, asked: set[int], timeout: float) -> list[Message]:
     return replies
 
 
-def site_order(sites: Mapping[int, Mapping[str, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+SiteInfo = TypeVar("SiteInfo", bound=Mapping[str, Any])
+
+
+def site_order(sites: Mapping[int, SiteInfo]) -> list[tuple[int, SiteInfo]]:
     """Sites by what they hold (data-dir, sample count, label counts), the node id only breaking ties:
     a SuperNode that restarts gets a new random node id, and a resumed run must still give each
     client id (and its per-client state) the same site."""
@@ -131,7 +134,7 @@ class AlgorithmStrategy(Strategy):
                                 client_error(reply.error.reason))
                     continue
                 info = reply.content.config_records["partition"]
-                pid, parts = int(info["partition-id"]), int(info["num-partitions"])
+                pid, parts = int(cast(int, info["partition-id"])), int(cast(int, info["num-partitions"]))
                 for client in range(pid, num_clients, parts):
                     self.node_of.setdefault(client, reply.metadata.src_node_id)
             missing = [c for c in range(num_clients) if c not in self.node_of]
@@ -223,21 +226,24 @@ class AlgorithmStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("round %d: node %d failed to evaluate: %s", done, node, client_error(reply.error.reason))
+                log.warning("round %d: node %d failed to evaluate: %s", done, node,
+                            client_error(reply.error.reason))
                 continue
             metrics = reply.content.metric_records.get("metrics")
             missing = [k for k in ("num-examples", "accuracy", "loss") if metrics is None or k not in metrics]
             if missing:
                 log.warning("round %d: rejected the evaluation reply of node %d: no \"%s\"", done, node, missing[0])
                 continue
-            if int(metrics["num-examples"]) > 0:
+            assert metrics is not None  # else all three keys are missing
+            if int(cast(float, metrics["num-examples"])) > 0:
                 sound.append(reply.content)
         if not sound:
             return None
         weighted = aggregate_metricrecords(sound, "num-examples")
-        examples = sum(int(c.metric_records["metrics"]["num-examples"]) for c in sound)
-        self.last_eval = {"fed_accuracy": float(weighted["accuracy"]), "fed_loss": float(weighted["loss"]),
-                          "fed_examples": examples}
+        # numbers (as the ClientApp's evaluate sends them), and their weighted means
+        examples = sum(int(cast(float, c.metric_records["metrics"]["num-examples"])) for c in sound)
+        self.last_eval = {"fed_accuracy": float(cast(float, weighted["accuracy"])),
+                          "fed_loss": float(cast(float, weighted["loss"])), "fed_examples": examples}
         log.info("round %d: federated evaluation on %d nodes, %d examples: accuracy %.4f loss %.4f", done, len(sound),
                  examples, self.last_eval["fed_accuracy"], self.last_eval["fed_loss"])
         return MetricRecord(self.last_eval)

@@ -14,7 +14,7 @@ import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -145,10 +145,11 @@ def encode_payload(payload: Mapping[str, Any], into: RecordDict) -> None:
 def decode_payload(content: RecordDict) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     for name, record in content.items():
+        # the record types encode_payload gives these names
         if name == "payload.tensors":
-            payload.update(record.to_torch_state_dict())
+            payload.update(cast(ArrayRecord, record).to_torch_state_dict())
         elif name.startswith("payload.state."):
-            payload[name[len("payload.state."):]] = record.to_torch_state_dict()
+            payload[name[len("payload.state."):]] = cast(ArrayRecord, record).to_torch_state_dict()
         elif name == "payload.scalars":
             payload.update(dict(record))
     return payload
@@ -164,10 +165,10 @@ def encode_task(task: TrainTask, round_idx: int) -> RecordDict:
 
 
 def decode_task(content: RecordDict) -> tuple[TrainTask, int]:
-    meta = content.config_records["task"]
-    task = TrainTask(int(meta["client_id"]), int(meta["slot"]), content.array_records["model"].to_torch_state_dict(),
-                     decode_payload(content))
-    return task, int(meta["round"])
+    meta = content.config_records["task"]  # ints, as encode_task writes them
+    task = TrainTask(int(cast(int, meta["client_id"])), int(cast(int, meta["slot"])),
+                     content.array_records["model"].to_torch_state_dict(), decode_payload(content))
+    return task, int(cast(int, meta["round"]))
 
 
 def encode_result(result: TrainResult) -> RecordDict:
@@ -182,7 +183,7 @@ def encode_result(result: TrainResult) -> RecordDict:
 
 def decode_result(content: RecordDict) -> TrainResult:
     """The reply as a TrainResult; raises KeyError/TypeError/ValueError when it is malformed."""
-    meta = content.metric_records["result"]
+    meta = content.metric_records["result"]  # numbers, as encode_result writes them (a list fails int/float)
     state = content.array_records["model"].to_torch_state_dict()
-    return TrainResult(int(meta["client_id"]), int(meta["slot"]), state, int(meta["num-examples"]),
-                       float(meta["train_loss"]), decode_payload(content))
+    return TrainResult(int(cast(int, meta["client_id"])), int(cast(int, meta["slot"])), state,
+                       int(cast(int, meta["num-examples"])), float(cast(float, meta["train_loss"])), decode_payload(content))

@@ -94,6 +94,12 @@ class Entry:
         return self.stats.rows if self.stats else self.parked.rows if self.parked else []
 
     @property
+    def done_stats(self) -> Stats:
+        """``stats``, of an entry picked as finished (``stats is not None``)."""
+        assert self.stats is not None
+        return self.stats
+
+    @property
     def rounds(self) -> int:
         return self.status.cell.cfg.rounds
 
@@ -336,7 +342,8 @@ class Page:
                 elif not done:
                     row.append("missing")
                 else:
-                    text = f"{with_spread([e.stats.late for e in done])} (best {with_spread([e.stats.best for e in done])})"
+                    text = (f"{with_spread([e.done_stats.late for e in done])} "
+                            f"(best {with_spread([e.done_stats.best for e in done])})")
                     if len(group) > 1:
                         text += f", {len(done)} of {len(group)} seeds" if len(done) < len(group) else f", {len(done)} seeds"
                     row.append(text)
@@ -417,7 +424,7 @@ class Page:
                 row = [method]
                 for het in hets:
                     done = sorted((e for e in groups.get((method, het), []) if e.stats is not None), key=lambda e: e.seed)
-                    row.append(", ".join(str(e.stats.reach[t]) if e.stats.reach[t] else "never" for e in done))
+                    row.append(", ".join(str(e.done_stats.reach[t]) if e.done_stats.reach[t] else "never" for e in done))
                 rows.append(row)
             self.add(*_table(["method", *hets], rows))
 
@@ -470,10 +477,10 @@ class Page:
             if not done:
                 rows.append([label, "missing", "", *([""] * len(self.thresholds)), "", f"0 of {len(group)}"])
                 continue
-            reach = [", ".join(str(e.stats.reach[t]) if e.stats.reach[t] else "never" for e in done)
+            reach = [", ".join(str(e.done_stats.reach[t]) if e.done_stats.reach[t] else "never" for e in done)
                      for t in self.thresholds]
-            rows.append([label, with_spread([e.stats.late for e in done]), with_spread([e.stats.best for e in done]),
-                         *reach, f"{sum(e.stats.seconds_per_round for e in done) / len(done):.2f}",
+            rows.append([label, with_spread([e.done_stats.late for e in done]), with_spread([e.done_stats.best for e in done]),
+                         *reach, f"{sum(e.done_stats.seconds_per_round for e in done) / len(done):.2f}",
                          f"{len(done)} of {len(group)}"])
             curves[label] = mean_curve(done)
         self.add(*_table(["setting", "accuracy", "best", *[f"round to {100 * t:g}%" for t in self.thresholds],
@@ -498,7 +505,7 @@ class Page:
     def communication(self, section: str, entries: Sequence[Entry]) -> None:
         baseline = self.o["baseline"]
         done = [e for e in entries if e.stats is not None and traffic(e.stats.rows)]
-        lasts = ", ".join(_ordered([f"{int(e.stats.rows[-1]['round'])}" for e in done]))
+        lasts = ", ".join(_ordered([f"{int(e.done_stats.rows[-1]['round'])}" for e in done]))
         cfg = entries[0].status.cell.cfg
         self.add(f"Megabytes (2^20 bytes) of every tensor in the server's messages to the round's clients (**down**) "
                  "and in their replies (**up**): model states, SCAFFOLD's control variates, FedGen's generator, "
@@ -515,7 +522,7 @@ class Page:
                  f"equals {baseline}'s: one model down and one up per selected client. **total to reach**: MB down+up "
                  "until the round at which the main cell of the same method, heterogeneity and seed first reached "
                  "the accuracy.", "")
-        ref = next((e.stats.rows[-1] for e in done if e.variant == baseline), None)
+        ref = next((e.done_stats.rows[-1] for e in done if e.variant == baseline), None)
         rows, guessed = [], False
         for e in entries:
             if e.stats is None or not traffic(e.stats.rows):

@@ -91,7 +91,7 @@ def result_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     written before a key existed still matches), without rounds and without other algorithms' options."""
     full = default_config()
     _update(full, cfg)
-    algorithm = full.get("algorithm")
+    algorithm: Any = full.get("algorithm")  # any value: used only as a key
     out = {k: v for k, v in full.items() if k not in NOT_RESULTS and k != "rounds" and not isinstance(v, dict)}
     out["options"] = full.get(algorithm, {}) if isinstance(full.get(algorithm), dict) else {}
     return json.loads(json.dumps(out, sort_keys=True))
@@ -103,6 +103,7 @@ def difference(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | Non
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if key == "options":
+            assert a is not None and b is not None  # result_config always gives "options" (a dict)
             for sub in sorted(set(a) | set(b)):
                 if a.get(sub) != b.get(sub):
                     return f"'{new['algorithm']}.{sub}' was {a.get(sub)!r}, now {b.get(sub)!r}"
