@@ -283,6 +283,7 @@ def test_strategy_refuses_failed_malformed_and_unsound_replies_and_keeps_the_slo
 
     from fedmr.algorithms import Federation, build_algorithm
     from fedmr.config import validate
+    from fedmr.engine.rounds import plan_round
     from fedmr.flower.strategy import AlgorithmStrategy
     from fedmr.flower.task import encode_result
 
@@ -292,7 +293,7 @@ def test_strategy_refuses_failed_malformed_and_unsound_replies_and_keeps_the_slo
     initial = {"w": torch.zeros(2, 2)}
     algorithm.setup(initial)
     strategy = AlgorithmStrategy(algorithm, seed=1, reference=initial)
-    strategy.tasks = algorithm.configure_train(0, [0, 1, 2, 3])
+    strategy.plan = plan_round(algorithm, 0, clients=[0, 1, 2, 3])
 
     def good(slot, value):
         return _reply(encode_result(TrainResult(slot, slot, {"w": torch.full((2, 2), value)}, 10, 0.5)))
@@ -305,7 +306,7 @@ def test_strategy_refuses_failed_malformed_and_unsound_replies_and_keeps_the_slo
         _reply(encode_result(TrainResult(3, 0, {"w": torch.ones(2, 2)}, 10))),            # wrong client for slot 0
         good(2, 5.0),                                                                    # second result for slot 2
     ]
-    results, refused, missing = strategy.accepted(0, replies)
+    results, refused, missing = strategy.accepted(replies)
     assert [r.slot for r in results] == [2] and refused == 5 and missing == 0
     strategy.aggregate_train(1, [good(0, 1.0)])
     counts = {k: v for k, v in strategy.last_round.items() if not k.endswith("_mb")}

@@ -15,6 +15,7 @@ which the ServerApp hands to the recorder as its extra columns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -113,13 +114,21 @@ class AlgorithmStrategy(Strategy):
         self.node_wait = node_wait
         self.message_log = message_log  # one JSON line per train message: round, node, client, slot, digest
         self.node_of: dict[int, int] = {}  # client id -> node id
-        self.tasks: list[TrainTask] = []
+        self.plan = RoundPlan(-1, [], [], Traffic())  # the last round's tasks and traffic (engine/rounds.py)
         self.sent: list[Message] = []  # the last round's train messages (tests inspect them)
-        self.traffic = Traffic()  # the last round's bytes sent and received
         self.last_round: dict[str, Any] = {}
         self.fraction_evaluate = fraction_evaluate
         self.evaluation_due = evaluation_due  # rounds done (whole run) -> evaluate now? (the Recorder's)
         self.last_eval: dict[str, Any] = {}  # the latest federated evaluation, for the metrics row
+
+    @property
+    def tasks(self) -> list[TrainTask]:
+        return self.plan.tasks
+
+    @property
+    def traffic(self) -> Traffic:
+        """The last round's bytes: down as the messages carry them, up once the replies are folded."""
+        return self.plan.traffic
 
     # ---- routing ------------------------------------------------------------------------
     def discover(self, grid: Grid) -> None:
@@ -152,12 +161,12 @@ class AlgorithmStrategy(Strategy):
         if not self.node_of:
             self.discover(grid)
         round_idx = self.rounds_before + server_round - 1
-        self.tasks = plan_round(self.algorithm, round_idx, self.seed).tasks  # the round protocol (engine/rounds.py)
+        plan = plan_round(self.algorithm, round_idx, self.seed)  # the round protocol (engine/rounds.py)
         self.sent = [Message(encode_task(task, round_idx), dst_node_id=self.node_of[task.client_id],
-                             message_type=MessageType.TRAIN) for task in self.tasks]
+                             message_type=MessageType.TRAIN) for task in plan.tasks]
         held = self.algorithm.client_held  # the client's own state in the payload (engine/traffic.py)
-        self.traffic = Traffic(sum(message_array_bytes(m.content) for m in self.sent), 0,
-                               sum(held_bytes(t, held) for t in self.tasks))
+        self.plan = dataclasses.replace(plan, traffic=Traffic(sum(message_array_bytes(m.content) for m in self.sent), 0,
+                                                              sum(held_bytes(t, held) for t in plan.tasks)))
         if self.message_log is not None:
             with self.message_log.open("a") as fh:
                 for task, msg in zip(self.tasks, self.sent):
@@ -165,11 +174,10 @@ class AlgorithmStrategy(Strategy):
                                          "slot": task.slot, "sha256": state_digest(task.state)}) + "\n")
         return self.sent
 
-    def fold(self, round_idx: int, replies: Iterable[Message]) -> RoundFold:
-        """The round's replies through the shared fold (engine/rounds.py): decoded here, checked and
-        counted there."""
-        fold = RoundFold(RoundPlan(round_idx, [t.client_id for t in self.tasks], self.tasks, self.traffic),
-                         self.reference, self.max_update_norm)
+    def fold(self, replies: Iterable[Message]) -> RoundFold:
+        """The replies to the last round's tasks through the shared fold (engine/rounds.py): decoded
+        here, checked and counted there."""
+        fold = RoundFold(self.plan, self.reference, self.max_update_norm)
         for reply in replies:
             sender = f"a reply from node {reply.metadata.src_node_id}"
             received = 0 if reply.has_error() else message_array_bytes(reply.content)  # sound or not
@@ -178,10 +186,10 @@ class AlgorithmStrategy(Strategy):
         fold.warn_missing()
         return fold
 
-    def accepted(self, round_idx: int, replies: Iterable[Message]) -> tuple[list[TrainResult], int, int]:
+    def accepted(self, replies: Iterable[Message]) -> tuple[list[TrainResult], int, int]:
         """The sound results of a round in slot order (as the simulator folds them), how many
         replies were refused (failed, malformed or rejected by ``update_problem``) and how many never came."""
-        fold = self.fold(round_idx, replies)
+        fold = self.fold(replies)
         return fold.in_slot_order(), fold.rejected, fold.dropped
 
     @staticmethod
@@ -197,7 +205,7 @@ class AlgorithmStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_idx = self.rounds_before + server_round - 1
-        fold = self.fold(round_idx, replies)
+        fold = self.fold(replies)
         results = fold.in_slot_order()
         used = self.algorithm.aggregate_train(round_idx, iter(results), torch_generator(self.seed, "server", round_idx))
         self.last_round = fold.stats(used).as_row()
