@@ -90,7 +90,7 @@ class RunConfig(Mapping[str, Any]):
     # ---- typed views for the rooms below the config (each declares what it reads) ----
     def section(self, name: str | None = None) -> dict[str, Any]:
         """The options of algorithm ``name`` (default: the run's algorithm), or of a plug-in's table."""
-        return copy.deepcopy(dict(self.sections[name or self.algorithm]))
+        return self[name or self.algorithm]
 
     @property
     def local_settings(self) -> LocalSettings:
@@ -104,14 +104,10 @@ class RunConfig(Mapping[str, Any]):
 
     # ---- the TOML file's form ----
     def to_dict(self) -> dict[str, Any]:
-        doc = {name: getattr(self, name) for name in SETTING_NAMES}
-        doc.update(copy.deepcopy({k: dict(v) for k, v in self.sections.items()}))
-        return doc
+        return {key: self[key] for key in self}
 
     def __getitem__(self, key: str) -> Any:
-        if key in SETTING_NAMES:
-            return getattr(self, key)
-        return copy.deepcopy(dict(self.sections[key]))
+        return getattr(self, key) if key in SETTING_NAMES else copy.deepcopy(dict(self.sections[key]))
 
     def __iter__(self) -> Iterator[str]:
         yield from SETTING_NAMES
