@@ -77,6 +77,8 @@ class RunConfig(Mapping[str, Any]):
     max_update_norm: float = setting(0.0, "reject client updates whose norm exceeds this; 0 = off")
     dropout_rate: float = setting(0.0, "fraction of the selected clients that fail each round (seeded)")
     checkpoint_every: int = setting(0, "rounds between checkpoints; 0 = at every evaluation")
+    precision: str = setting("fp32", "fp32, or bf16: mixed precision in local training (bf16 autocast; weights, optimizer "
+                             "state, BatchNorm statistics and everything the server sees stay fp32)")
     tensorboard: bool = setting(False, "also write the metrics to <results>/tensorboard (needs the tensorboard extra)")
     # [fedmr], [fedprox], ..., and plug-ins' ["pkg.mod:Class"] / ["pkg.mod:loader"] tables, in file order
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
@@ -96,7 +98,7 @@ class RunConfig(Mapping[str, Any]):
     def local_settings(self) -> LocalSettings:
         from .training import LocalSettings
 
-        return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum)
+        return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum, self.precision)
 
     def replace(self, **changes: Any) -> RunConfig:
         """This config with ``changes`` (top-level keys or whole sections by name), checked again."""
@@ -373,6 +375,11 @@ def _check_training_ranges(c: RunConfig) -> None:
         raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {c.client_timeout}")
     if c.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {c.device!r}")
+    from .training import PRECISIONS
+
+    if c.precision not in PRECISIONS:
+        raise ConfigError(f"config key 'precision' must be \"fp32\" or \"bf16\", got {c.precision!r}"
+                          f"{did_you_mean(c.precision, PRECISIONS)}")
 
 
 def _plugin_sections(c: RunConfig, training: bool = True) -> dict[str, dict[str, Any]]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .allocator import keep_freed_memory
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 Hook = Callable[[nn.Module], None]
@@ -15,12 +18,35 @@ Hook = Callable[[nn.Module], None]
 
 @dataclass(frozen=True)
 class LocalSettings:
-    """The local optimiser of the spec: plain SGD with momentum, fresh per client per round."""
+    """The local optimiser of the spec: plain SGD with momentum, fresh per client per round.
+
+    ``precision`` "bf16" runs the forward pass and the loss under bf16 autocast (so backward runs in
+    bf16 too); the weights, their gradients, the momentum and BatchNorm's statistics stay fp32."""
 
     epochs: int = 5
     batch_size: int = 50
     lr: float = 0.01
     momentum: float = 0.5
+    precision: str = "fp32"
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
+    """The context the training forward pass runs in: bf16 autocast for "bf16", nothing for "fp32"."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether this device computes bf16 in hardware (else autocast emulates it, slower than fp32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -46,6 +72,7 @@ def train_sgd(
     after_backward: Hook | None = None,
 ) -> tuple[float, int]:
     """Train ``model`` in place for ``settings.epochs`` shuffled epochs; returns (mean loss, steps)."""
+    keep_freed_memory()
     model.train()
     optimiser = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum)
     n = y.shape[0]
@@ -58,7 +85,8 @@ def train_sgd(
             # gathered batch by batch: a batch stays in cache for the first convolution (an epoch's
             # gather, 6 MB for 500 CIFAR images, does not)
             idx = order[part]
-            loss = loss_fn(model, x[idx], y[idx])
+            with autocast(settings.precision, y.device):
+                loss = loss_fn(model, x[idx], y[idx]).float()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:
@@ -71,7 +99,9 @@ def train_sgd(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole set."""
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole set (in the model's own
+    precision: the server's measurement of the fp32 weights)."""
+    keep_freed_memory()
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
     loss = torch.zeros((), dtype=torch.float64, device=y.device)

@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..config import DEFAULTS
 from ..errors import CheckpointError
 from ..fileio import atomic_write, file_digest, fsync_dir
 
@@ -138,8 +139,10 @@ def fingerprint(cfg: Mapping[str, Any], partition: Sequence[Sequence[int]], init
 def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     old, new = saved.get("config", {}), current["config"]
     for key in sorted((set(old) | set(new)) - RESUMABLE_CHANGES):  # older checkpoints hold some of them
-        if old.get(key) != new.get(key):
-            return f"config key '{key}' was {old.get(key)!r}, now {new.get(key)!r}"
+        # a key added to fedmr after the checkpoint was written (precision): the run had its default
+        was = old[key] if key in old else DEFAULTS.get(key)
+        if was != new.get(key):
+            return f"config key '{key}' was {was!r}, now {new.get(key)!r}"
     if saved.get("partition_sha256") != current["partition_sha256"]:
         return "the partition differs"
     if saved.get("initial_model_sha256") != current["initial_model_sha256"]:

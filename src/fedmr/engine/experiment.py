@@ -20,7 +20,7 @@ from ..models import check_model_output, model_builder
 from ..partition import Partition, config_json, make_partition, summarize
 from ..results import RunWriter
 from ..seeding import derive_seed
-from ..training import clone_state
+from ..training import bf16_is_native, clone_state
 
 log = logging.getLogger("fedmr")
 
@@ -80,6 +80,9 @@ def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = No
     A config given as a plain mapping is checked first."""
     cfg = RunConfig.of(cfg)
     device = resolve_device(cfg.device)
+    if cfg.precision == "bf16" and not bf16_is_native(device):
+        log.warning("precision = \"bf16\": this %s has no native bf16 units, so bf16 is emulated here and slower "
+                    "than fp32", "CPU" if device.type == "cpu" else "GPU")
     data = data if data is not None else load_dataset(cfg)
     for warning in check_trainable(data):
         log.warning("%s", warning)

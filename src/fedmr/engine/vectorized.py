@@ -48,9 +48,10 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
+from ..allocator import keep_freed_memory
 from ..errors import ConfigError
 from ..seeding import derive_seed, torch_generator
-from ..training import LocalSettings, batch_slices
+from ..training import LocalSettings, autocast, batch_slices
 from .client import ClientData
 
 log = logging.getLogger("fedmr")
@@ -205,6 +206,7 @@ class BatchedTrainer:
                  memory_gb: Any = "auto"):
         self.model, self.data, self.settings, self.seed = model, data, settings, seed
         self.device = data.train_x.device
+        keep_freed_memory()
         self.param_names = [name for name, _ in model.named_parameters()]
         self.state_names = list(model.state_dict())
         self.buffer_names = [n for n in self.state_names if n not in set(self.param_names)]
@@ -229,10 +231,12 @@ class BatchedTrainer:
             return functional_call(self.model, {**params, **buffers}, (x,))
 
     def _loss(self, params, buffers, x, y, masks):
-        return F.cross_entropy(self._logits(params, buffers, x, masks), y)
+        with autocast(self.settings.precision, self.device):
+            return F.cross_entropy(self._logits(params, buffers, x, masks), y).float()
 
     def _weighted_loss(self, params, buffers, x, y, w, masks):
-        losses = F.cross_entropy(self._logits(params, buffers, x, masks), y, reduction="none")
+        with autocast(self.settings.precision, self.device):
+            losses = F.cross_entropy(self._logits(params, buffers, x, masks), y, reduction="none").float()
         return (losses * w).sum() / w.sum()
 
     # ---- a round ----------------------------------------------------------------------------
