@@ -245,7 +245,7 @@ def test_which_config_differences_count_when_matching_a_finished_run():
 def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, reference, monkeypatch, capsys, caplog):
     """`study park` keeps the newest checkpoint of an unfinished cell in its folder (committed); a
     fresh checkout without checkpoints/ (another machine) resumes from it, to the uninterrupted
-    run's numbers; once the cell is finished, `park` removes it."""
+    run's numbers; once the cell is finished, the run (or else `park`) removes it."""
     first, second = tmp_path / "first", tmp_path / "second"
     _study(first)
     monkeypatch.chdir(first)
@@ -268,7 +268,40 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert len(resumed) == 1 and "after round 2" in resumed[0], resumed
     cell = second / "out" / "study" / CELLS[1]
     assert _comparable(cell) == _comparable(reference)
+    assert not (cell / "parked").exists()  # the finished cell removed it itself
+    (cell / "parked").mkdir()  # as a commit of the parked cell, pulled after the cell finished elsewhere, leaves it
     capsys.readouterr()
     assert main(["study", "park", "study.toml"]) == 0
     assert f"{CELLS[1]}: finished: parked checkpoint removed" in capsys.readouterr().out
     assert not (cell / "parked").exists()
+
+
+def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, caplog):
+    """Without `study park`: a cell killed with SIGKILL after round 12 has parked/ at round 10, and a fresh
+    checkout holding only what would be committed (no checkpoints/, no live metrics.csv) resumes from
+    round 10, to the numbers of an uninterrupted run; the finished cell removes its parked/."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _study(first, extra="rounds = [14]\n")
+    monkeypatch.chdir(first)
+    cell = first / "out" / "study" / "seed1-rounds-14-fedavg"
+    proc = _start(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedavg"], first / "log", delay=0.5)
+    _wait_for(proc, lambda: (cell / "checkpoints" / "round-000012.json").exists(), "the checkpoint of round 12")
+    _kill(proc)
+    assert not (cell / "summary.json").exists()
+    parked = sorted(p.name for p in (cell / "parked").iterdir())
+    assert parked == ["README.md", "metrics.csv", "round-000010.json", "round-000010.safetensors"], parked
+    # what a commit carries: config, partition and parked/ (checkpoints/ is ignored, metrics.csv left out)
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints", "metrics.csv", "log"))
+    shutil.copy2(cell / "parked" / "metrics.csv", second / "out" / "study" / cell.name / "parked" / "metrics.csv")
+    monkeypatch.chdir(second)
+    caplog.set_level(logging.INFO, logger="fedmr")
+    assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedavg"]) == 0
+    resumed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert len(resumed) == 1 and "after round 10" in resumed[0], resumed
+    resumed_cell = second / "out" / "study" / cell.name
+    reference = tmp_path / "reference"
+    settings = [s for s in FEDMR_CELL if not s.startswith(("rounds=", "algorithm="))]
+    assert main(["run", "--quiet", "--out", str(reference), "--set", "rounds=14", "--set", "algorithm=\"fedavg\"",
+                 *[a for s in settings for a in ("--set", s)]]) == 0
+    assert _comparable(resumed_cell) == _comparable(reference)
+    assert not (resumed_cell / "parked").exists()

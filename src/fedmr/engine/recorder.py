@@ -73,7 +73,7 @@ class Recorder:
 
     def __init__(self, cfg: Mapping[str, Any], exp: Experiment, algorithm: Algorithm, writer: RunWriter | None,
                  *, model: torch.nn.Module | None = None, extra_columns: Sequence[str] = (),
-                 on_row: Iterable[RowCallback] = ()):
+                 on_row: Iterable[RowCallback] = (), on_checkpoint: Iterable[Callable[[int], None]] = ()):
         clash = [c for c in extra_columns if c in METRIC_COLUMNS]
         if clash:
             raise ValueError(f"extra column '{clash[0]}' is a standard metrics column")
@@ -85,6 +85,7 @@ class Recorder:
         self.columns = [*METRIC_COLUMNS, *self.extra_columns]
         # plus the built-ins the config asks for (tensorboard = true)
         self.on_row = run_callbacks(self.cfg.tensorboard, writer.dir if writer is not None else None, list(on_row))
+        self.on_checkpoint = list(on_checkpoint)  # called with the round of each checkpoint written (study: park)
         self.rounds, self.every = self.cfg.rounds, self.cfg.eval_every
         self.checkpoint_every = self.cfg.checkpoint_every or self.every
         self.rows: list[Row] = []
@@ -168,6 +169,8 @@ class Recorder:
         assert self.writer is not None and self.fingerprint is not None, "start() first"
         save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint,
                         counters=self.totals or {})
+        for callback in self.on_checkpoint:
+            callback(done)
         return True
 
     def end_round(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None,

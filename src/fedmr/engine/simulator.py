@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ class Simulation:
 
     def __init__(self, experiment: Experiment, *, algorithm: str | None = None, out_dir: str | Path | None = None,
                  progress: str = "bar", label: str | None = None, resume: bool = False,
-                 on_row: Iterable[RowCallback] = ()):
+                 on_row: Iterable[RowCallback] = (), on_checkpoint: Iterable[Callable[[int], None]] = ()):
         self.exp = experiment
         self.cfg = experiment.cfg if algorithm is None else experiment.cfg.replace(algorithm=algorithm)
         self.algorithm = build_algorithm(self.cfg, experiment.federation)
@@ -81,7 +81,7 @@ class Simulation:
         self.label = label or self.cfg.algorithm
         # the recorder evaluates on the training model object, as the runner reuses it (no extra copy)
         self.recorder = Recorder(self.cfg, experiment, self.algorithm, self.writer, model=self.model,
-                                 on_row=[self._show, *on_row])
+                                 on_row=[self._show, *on_row], on_checkpoint=on_checkpoint)
         self._bar: Any = None
         self._round_started = 0.0
 

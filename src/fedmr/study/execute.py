@@ -19,6 +19,8 @@ from typing import Any
 from ..config import RunConfig
 from .index import Status
 
+PARK_EVERY = 10  # rounds: how often a running cell refreshes its parked/ checkpoint (at its checkpoints)
+
 
 @dataclass
 class CellResult:
@@ -40,22 +42,33 @@ def late_mean(rows: list[dict[str, Any]], rounds: int, fraction: float) -> float
 def run_cell(cfg: RunConfig, folder: Path, progress: str = "none", label: str | None = None,
              handle_signals: bool = True, late_fraction: float = 0.2) -> CellResult:
     """Run (or resume) one cell in ``folder``; with ``handle_signals`` a SIGINT/SIGTERM finishes the
-    round, writes a checkpoint and returns ``stopped``, as ``fedmr run`` does."""
+    round, writes a checkpoint and returns ``stopped``, as ``fedmr run`` does.  The cell parks itself
+    (``parking.park``) after each checkpoint of ``PARK_EVERY`` rounds or more since the last, and
+    after the one a signal forces, so a sitting killed at any moment loses at most that many rounds
+    of what is committed; a finished cell removes its ``parked/``."""
     import contextlib
 
     from ..engine import Simulation, prepare
     from ..engine.simulator import stop_on_signals
-    from .parking import unpark
+    from .parking import park, unpark
 
     start = time.perf_counter()
-    unpark(folder)  # a checkpoint parked by another sitting (another machine) resumes here
+    parked_at = unpark(folder)  # a checkpoint parked by another sitting (another machine) resumes here
+
+    def park_now(done: int) -> None:
+        nonlocal parked_at
+        if done - parked_at >= PARK_EVERY or simulation.stop_requested:
+            park(folder, finished=False)
+            parked_at = done
+
     simulation = Simulation(prepare(cfg), out_dir=folder, progress=progress, label=label or folder.name,
-                            resume=(folder / "config.toml").is_file())
+                            resume=(folder / "config.toml").is_file(), on_checkpoint=[park_now])
     with stop_on_signals(simulation) if handle_signals else contextlib.nullcontext():
         outcome = simulation.run()
     seconds = time.perf_counter() - start
     if outcome.stopped_after is not None:
         return CellResult(folder.name, int(simulation.stop_requested) or signal.SIGTERM, seconds, {})
+    park(folder, finished=True)
     return CellResult(folder.name, 0, seconds, outcome.summary, late_mean(outcome.rows, cfg.rounds, late_fraction))
 
 
