@@ -145,8 +145,7 @@ def load_imagefolder(config: DataSource) -> DataSet:
     if not source.exists():
         raise DataError(f"image folder not found: {source} (set data_dir to a folder with train/<class>/* and "
                         f"test/<class>/*, or to a .tar.gz of one)")
-    files = folder_files(source) if source.is_dir() else []
-    arrays, meta = cache.cached("imagefolder", source, config.cache_dir, lambda: decode_all(source), files)
+    arrays, meta = decoded(source, config.cache_dir)
     channels = arrays["train_x"].shape[3]
     affine = normalization.resolve(config.normalization, DEFAULT_NORMALIZATION, channels)
     return DataSet(
@@ -156,6 +155,12 @@ def load_imagefolder(config: DataSource) -> DataSet:
         num_classes=len(meta["classes"]), classes=list(meta["classes"]), default_model="cnn",
         normalization=affine,
     )
+
+
+def decoded(source: Path, cache_dir: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The uint8 arrays of a folder or archive (``decode_all``), decoded once and then read from the cache."""
+    files = folder_files(source) if source.is_dir() else []
+    return cache.cached("imagefolder", source, cache_dir, lambda: decode_all(source), files)
 
 
 def source_name(source: Path) -> str:
