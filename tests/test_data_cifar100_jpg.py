@@ -3,6 +3,8 @@ paper's statistics, the decode cache, where data_dir may point, bad copies; and 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -11,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_cifar import write_cifar100
+from test_data_cifar import official_archive, write_cifar100
 
 from fedmr.cli import main
 from fedmr.config import load_config
-from fedmr.data import imagefolder, load_dataset
+from fedmr.data import cifar, imagefolder, load_dataset
 from fedmr.errors import DataError
 from fedmr.partition import make_partition
 
@@ -165,6 +167,37 @@ def test_a_bad_copy_is_one_error_line(tmp_path, capsys, damage, message):
     assert main(["data", "info", "cifar100", "--data-dir", str(archive), "--set", f'cache_dir="{tmp_path / "c"}"']) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedmr: error: ") and err.count("\n") == 1
+
+
+def test_an_archive_cut_anywhere_is_named_truncated(tmp_path):
+    """tarfile's stream mode reads a cut between two members as the end of the archive (the class
+    folders seen so far would pass for the whole copy): the gzip stream's own end is checked too."""
+    archive = write_copy(tmp_path)
+    whole = archive.read_bytes()
+    for fraction in (0.05, 0.3, 0.5, 0.7, 0.9, 0.99):
+        archive.write_bytes(whole[: int(len(whole) * fraction)])
+        with pytest.raises(DataError, match=r"cifar100-jpg\.tar\.gz is corrupt or truncated"):
+            load_dataset(cfg("cifar100", archive, tmp_path))
+    archive.write_bytes(whole[:-4])  # only gzip's trailer (the length) is missing
+    with pytest.raises(DataError, match=r"corrupt or truncated"):
+        load_dataset(cfg("imagefolder", archive, tmp_path))
+    assert not (tmp_path / "cache").exists()  # nothing partial is cached
+
+
+def test_a_cifar_data_dir_naming_a_file(tmp_path, monkeypatch, capsys):
+    """Another file is one error line (it was a traceback: the download's temporary file under a file);
+    the official archive itself is unpacked beside it."""
+    archive = write_copy(tmp_path)
+    assert main(["data", "info", "cifar10", "--data-dir", str(archive)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedmr: error: CIFAR-10: data_dir ") and "is a file" in err and err.count("\n") == 1
+    blob = official_archive(tmp_path)
+    monkeypatch.setitem(cifar.RELEASES, "cifar10", dataclasses.replace(cifar.RELEASES["cifar10"],
+                                                                        md5=hashlib.md5(blob).hexdigest()))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cifar-10-python.tar.gz").write_bytes(blob)
+    data = load_dataset(cfg("cifar10", tmp_path / "data" / "cifar-10-python.tar.gz", tmp_path))
+    assert len(data.train_y) == 15 and (tmp_path / "data" / "cifar-10-batches-py").is_dir()
 
 
 def test_data_info_says_the_split_is_not_the_official_one(tmp_path, capsys):

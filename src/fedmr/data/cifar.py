@@ -148,6 +148,13 @@ def download(release: Release, target: Path) -> None:
 
 def locate(release: Release, data_dir: Path) -> Path:
     """The unpacked release folder, unpacking (and first downloading) the official archive where needed."""
+    if data_dir.is_file():
+        if data_dir.name != release.archive:
+            other = ("" if release.folder == RELEASES["cifar100"].folder else
+                     "; a JPEG copy in train/<class>/ folders reads as dataset = \"imagefolder\"")
+            raise DataError(f"{release.title}: data_dir {data_dir} is a file, not the official {release.archive}: set "
+                            f"it to the folder holding {release.folder}/ or {release.archive}{other}")
+        data_dir = data_dir.parent  # the official archive itself: unpacked beside it
     if data_dir.name == release.folder and data_dir.is_dir():
         return data_dir
     folder = data_dir / release.folder
