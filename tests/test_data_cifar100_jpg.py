@@ -211,6 +211,7 @@ def test_data_info_says_the_split_is_not_the_official_one(tmp_path, capsys):
     assert "is NOT the official train/test split" in out and "20 coarse superclasses" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_CIFAR100.is_file(), reason=f"the shared CIFAR-100 copy is absent ({SHARED_CIFAR100})")
 def test_shared_cifar100_copy_loads_then_reads_its_cache_and_partitions(tmp_path, monkeypatch):
     """The real copy: 500/100 images per fine class, 2,500/500 per superclass; decoded once (about 12 s

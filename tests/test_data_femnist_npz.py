@@ -156,6 +156,7 @@ def test_data_info_describes_writers_and_the_subset(tmp_path, capsys):
     assert "someone/leaf-run (3 writers)" in out and "biased towards writers with fewer samples" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_FEMNIST.is_file(), reason=f"the shared FEMNIST copy is absent ({SHARED_FEMNIST})")
 def test_shared_femnist_copy_matches_its_readme_and_leaf_json(tmp_path):
     """The counts ../shared/data/README.md gives; and five writers' samples read from LEAF JSON rebuilt as

@@ -80,7 +80,8 @@ def _add_data_commands(sub: Any) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="sizes, classes and per-channel pixel mean/std of a data set")
     info.add_argument("dataset", metavar="DATASET",
-                      help="digits, cifar10, cifar100, femnist, imagefolder or a loader as package.module:function")
+                      help="digits, cifar10, cifar100, cifar100-fine, femnist, imagefolder or a loader as "
+                           "package.module:function")
     info.add_argument("--data-dir", metavar="DIR", help="where the data set lies (the config key data_dir)")
     info.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="another config key, e.g. --set normalization=\"none\"")

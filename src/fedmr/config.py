@@ -48,7 +48,8 @@ class RunConfig(Mapping[str, Any]):
 
     # The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
     algorithm: str = setting("fedmr", "fedmr, fedindep, fedavg, fedprox, scaffold, moon, fedgen, clustered, or pkg.mod:Class")
-    dataset: str = setting("digits", "digits, cifar10, cifar100, femnist, imagefolder, or a loader pkg.mod:function", "data")
+    dataset: str = setting("digits", "digits, cifar10, cifar100, cifar100-fine, femnist, imagefolder, or a loader "
+                           "pkg.mod:function", "data")
     data_dir: str = setting("data", "where the data set lies (a folder or archive)", "data")
     normalization: str = setting("auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data")
     cache_dir: str = setting("", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "

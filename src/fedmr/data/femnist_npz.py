@@ -24,8 +24,8 @@ MANIFEST = "femnist-manifest.json"
 REQUIRED = ("x", "y", "writer", "split", "writer_ids")
 SUBSET_NOTE = ("subset: the shared femnist.npz is LEAF's own sample (-s niid --sf 0.05 -k 0 -t sample --tf 0.9) "
                "restricted to the shards whose files could be had, the small ones: it is biased towards writers with "
-               "fewer samples (about half as many as full LEAF's 226 per writer) and towards digits; see "
-               "../shared/data/README.md")
+               "fewer samples (about half as many as the writers left out; full LEAF FEMNIST has about 226 per writer) "
+               "and towards digits; see ../shared/data/README.md")
 
 
 def find(data_dir: Path) -> Path | None:
