@@ -80,7 +80,8 @@ def _add_data_commands(sub: Any) -> None:
     data_sub = data.add_subparsers(dest="data_command", required=True)
     info = data_sub.add_parser("info", help="sizes, classes and per-channel pixel mean/std of a data set")
     info.add_argument("dataset", metavar="DATASET",
-                      help="digits, cifar10, cifar100, femnist, imagefolder or a loader as package.module:function")
+                      help="digits, cifar10, cifar100, cifar100-fine, femnist, imagefolder or a loader as "
+                           "package.module:function")
     info.add_argument("--data-dir", metavar="DIR", help="where the data set lies (the config key data_dir)")
     info.add_argument("--set", dest="assignments", metavar="KEY=VALUE", action="append", default=[],
                       help="another config key, e.g. --set normalization=\"none\"")
@@ -176,7 +177,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """``fedmr data info``: load the data set as a run would and describe it."""
+    import torch
+
+    from .config import paper_clients_per_round
     from .data import load_dataset
+    from .data.base import size_summary
     from .data.normalization import channels, describe, raw_channel_stats
 
     given = [f"dataset={json.dumps(args.dataset)}"]  # first, so --set may name the loader's options
@@ -193,6 +198,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     shape = "x".join(map(str, data.input_shape)) if data.is_images else f"of shape {data.input_shape} {data.train_x.dtype}"
     print(f"train: {len(data.train_y)} {kind}, test: {len(data.test_y)} {kind}, {shape}")
     print(f"classes: {data.num_classes} ({names})")
+    train, test = (torch.bincount(y.cpu(), minlength=data.num_classes) for y in (data.train_y, data.test_y))
+    spread = [f"{int(c.min())} each" if c.min() == c.max() else f"{int(c.min())}-{int(c.max())}" for c in (train, test)]
+    print(f"samples per class: train {spread[0]}, test {spread[1]}")
     if data.normalization is not None:
         mean, std = raw_channel_stats(data.train_x, data.normalization)
         print(f"train pixel mean per channel (0..1): {channels(mean)}")
@@ -202,9 +210,14 @@ def cmd_data(args: argparse.Namespace) -> int:
         mean, std = raw_channel_stats(data.train_x, None)
         print(f"normalised train mean per channel: {channels(mean)}; std: {channels(std)}")
     if data.natural_partition is not None:
-        print(f"natural split: {len(data.natural_partition)} writers (partition = \"natural\", "
-              f"num_clients = {len(data.natural_partition)})")
+        writers = len(data.natural_partition)
+        k = paper_clients_per_round({"clients_per_round": "auto", "partition": "natural", "num_clients": writers})
+        print(f"natural split: {writers} writers (partition = \"natural\", num_clients = {writers}; clients_per_round "
+              f"\"auto\" = {k})")
+        print(f"training samples per writer: {size_summary([len(p) for p in data.natural_partition])}")
     print(f"default model: {data.default_model}")
+    for note in data.notes:
+        print(note)
     return 0
 
 

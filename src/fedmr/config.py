@@ -48,14 +48,16 @@ class RunConfig(Mapping[str, Any]):
 
     # The paper's setting (see docs/fedmr-spec), on the embedded digits data by default.
     algorithm: str = setting("fedmr", "fedmr, fedindep, fedavg, fedprox, scaffold, moon, fedgen, clustered, or pkg.mod:Class")
-    dataset: str = setting("digits", "digits, cifar10, cifar100, femnist, imagefolder, or a loader pkg.mod:function", "data")
+    dataset: str = setting("digits", "digits, cifar10, cifar100, cifar100-fine, femnist, imagefolder, or a loader "
+                           "pkg.mod:function", "data")
     data_dir: str = setting("data", "where the data set lies (a folder or archive)", "data")
     normalization: str = setting("auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data")
     cache_dir: str = setting("", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "
                              "~/.cache/fedmr", "data")
     model: str = setting("auto", "cnn, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory")
     num_clients: int = setting(100, "clients the training set is split among", "partition")
-    clients_per_round: int = setting(10, "clients selected each round (K)")
+    clients_per_round: int = setting("auto", "clients selected each round (K); auto = the paper's: 10, or 10% of "
+                                     "the writers on a natural partition (FEMNIST)")  # an int once validated
     rounds: int = setting(500, "communication rounds")
     local_epochs: int = setting(5, "local epochs per round")
     batch_size: int = setting(50, "local batch size")
@@ -83,6 +85,9 @@ class RunConfig(Mapping[str, Any]):
     # [fedmr], [fedprox], ..., and plug-ins' ["pkg.mod:Class"] / ["pkg.mod:loader"] tables, in file order
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
     uses: str = field(default="run", repr=False)  # what was checked: see load_config
+
+    def __post_init__(self) -> None:  # "auto" becomes the number it stands for (the TOML records the number)
+        object.__setattr__(self, "clients_per_round", paper_clients_per_round(self))
 
     @classmethod
     def of(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -314,11 +319,29 @@ def validate(cfg: Mapping[str, Any], uses: str = "run") -> RunConfig:
     return config
 
 
+PAPER_CLIENTS_PER_ROUND = 10  # K of the paper's 100 clients
+NATURAL_SHARE = 10  # on a natural partition (FEMNIST) the paper selects 1 in 10 of the writers per round
+
+
+def paper_clients_per_round(doc: Mapping[str, Any]) -> Any:
+    """``clients_per_round = "auto"`` resolved: 10, or 10% of num_clients (at least 1) on a natural
+    partition; a given value, or one that cannot be resolved yet (keys a command does not check), as is."""
+    k, n = doc["clients_per_round"], doc["num_clients"]
+    if k != "auto":
+        return k
+    if doc["partition"] != "natural":
+        return PAPER_CLIENTS_PER_ROUND
+    return max(1, n // NATURAL_SHARE) if isinstance(n, int) and not isinstance(n, bool) else k
+
+
 def _check_setting(key: str, value: Any, default: Any) -> Any:
-    """A top-level key's type; the three keys that also take "auto" are checked by their own rule."""
+    """A top-level key's type; the four keys that also take "auto" are checked by their own rule."""
     if key == "workers":
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
+    elif key == "clients_per_round":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"config key 'clients_per_round' must be an integer or \"auto\", got {_brief(value)}")
     elif key == "vectorize":
         if not (value == "auto" or isinstance(value, bool)):
             raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {value!r}")

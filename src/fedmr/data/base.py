@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError, did_you_mean
@@ -26,6 +27,8 @@ class DataSet:
     default_model: str = "cnn"
     # Per-channel (mean, std) the loader applied to pixels in [0, 1]; None where unknown.
     normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # What `fedmr data info` should say about this copy beyond its counts: provenance and caveats.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.train_x.shape[0] != self.train_y.shape[0] or self.test_x.shape[0] != self.test_y.shape[0]:
@@ -59,7 +62,7 @@ class DataSet:
 
         return DataSet(self.name, move(self.train_x), move(self.train_y), move(self.test_x), move(self.test_y),
                        self.num_classes, self.classes, self.natural_partition, self.default_model,
-                       self.normalization)
+                       self.normalization, self.notes)
 
 
 def check_trainable(data: DataSet) -> list[str]:
@@ -146,3 +149,9 @@ def check_dataset_name(name: str) -> None:
     if ":" not in name and name not in DATASETS and name != IN_MEMORY:
         raise ConfigError(f"unknown dataset '{name}' (choose from {', '.join(sorted(DATASETS))}, or name your own "
                           f"loader as 'package.module:loader'){did_you_mean(name, DATASETS)}")
+
+
+def size_summary(counts: list[int]) -> str:
+    """min / median / mean / max of per-client (per-writer) sample counts, for `fedmr data info`."""
+    a = np.asarray(counts, dtype=np.float64)
+    return f"min {a.min():g} / median {np.median(a):g} / mean {a.mean():.1f} / max {a.max():g}"

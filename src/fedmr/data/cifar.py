@@ -1,15 +1,19 @@
-"""``dataset = "cifar10"`` / ``"cifar100"`` (20 coarse labels) from the official pickled releases.
+"""``dataset = "cifar10"`` / ``"cifar100"`` (20 coarse labels) / ``"cifar100-fine"`` (100 fine labels)
+from the official pickled releases, or CIFAR-100 from a JPEG copy (``cifar100_jpg.py``).
 
 ``data_dir`` holds ``cifar-10-batches-py/`` or ``cifar-100-python/`` (or is that
 folder).  When it is absent the official archive is used from ``data_dir`` or
 downloaded, its MD5 checked, and unpacked there.  The pickles are read with an
 unpickler that builds only numpy arrays and plain containers, so a doctored
-file cannot run code.
+file cannot run code.  For CIFAR-100, ``data_dir`` may instead name
+``cifar100-jpg.tar.gz`` (or a folder holding it) with ``cifar100-coarse.json``
+beside it; the official pickles win where a folder holds both.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import pickle
 import shutil
 import tarfile
@@ -25,7 +29,7 @@ import torch
 
 from ..errors import DataError
 from ..fileio import file_digest
-from . import normalization
+from . import cifar100_jpg, normalization
 from .base import DataSet, DataSource, register
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -56,6 +60,13 @@ RELEASES = {
         "CIFAR-100", "cifar-100-python", "cifar-100-python.tar.gz",
         "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
         ("train",), ("test",), "meta", "coarse_labels", "coarse_label_names", "cifar10-stats"),
+}
+RELEASES["cifar100-fine"] = dataclasses.replace(RELEASES["cifar100"], label_key="fine_labels",
+                                                names_key="fine_label_names")
+LABELS_NOTE = {
+    "cifar100": "labels: the paper's 20 coarse superclasses, 5 fine classes each (dataset = \"cifar100-fine\" for the 100 "
+                "fine labels)",
+    "cifar100-fine": "labels: the 100 fine classes (dataset = \"cifar100\" for the paper's 20 coarse superclasses)",
 }
 
 def _safe_globals() -> dict[tuple[str, str], Any]:
@@ -137,6 +148,13 @@ def download(release: Release, target: Path) -> None:
 
 def locate(release: Release, data_dir: Path) -> Path:
     """The unpacked release folder, unpacking (and first downloading) the official archive where needed."""
+    if data_dir.is_file():
+        if data_dir.name != release.archive:
+            other = ("" if release.folder == RELEASES["cifar100"].folder else
+                     "; a JPEG copy in train/<class>/ folders reads as dataset = \"imagefolder\"")
+            raise DataError(f"{release.title}: data_dir {data_dir} is a file, not the official {release.archive}: set "
+                            f"it to the folder holding {release.folder}/ or {release.archive}{other}")
+        data_dir = data_dir.parent  # the official archive itself: unpacked beside it
     if data_dir.name == release.folder and data_dir.is_dir():
         return data_dir
     folder = data_dir / release.folder
@@ -161,19 +179,41 @@ def locate(release: Release, data_dir: Path) -> Path:
 
 def load_release(source: DataSource, key: str) -> DataSet:
     release = RELEASES[key]
-    folder = locate(release, Path(source.data_dir).expanduser())
+    data_dir = Path(source.data_dir).expanduser()
+    jpeg = cifar100_jpg.find(data_dir, release.folder, release.archive) if key in LABELS_NOTE else None
+    if jpeg is not None:
+        return from_jpeg(source, key, cifar100_jpg.load(jpeg, source.cache_dir))
+    folder = locate(release, data_dir)
     names = [n.decode("latin1") if isinstance(n, bytes) else str(n)
              for n in read_pickle(folder / release.meta_file).get(release.names_key, [])]
     if not names:
         raise DataError(f"CIFAR file {folder / release.meta_file} lacks '{release.names_key}'")
     train_x, train_y = read_batches(folder, release.train_files, release.label_key, len(names))
     test_x, test_y = read_batches(folder, release.test_files, release.label_key, len(names))
-    affine = normalization.resolve(source.normalization, release.default_normalization, 3)
+    notes = (f"copy: the official pickled release ({folder})",) + ((LABELS_NOTE[key],) if key in LABELS_NOTE else ())
+    return dataset(source, key, (train_x, train_y, test_x, test_y), names, notes)
+
+
+def from_jpeg(source: DataSource, key: str, copy: cifar100_jpg.JpegCopy) -> DataSet:
+    """The JPEG copy with the coarse labels (``cifar100``) or its fine ones (``cifar100-fine``)."""
+    coarse = key == "cifar100"
+    labels = (lambda fine: copy.table.fine_to_coarse[fine]) if coarse else (lambda fine: fine)
+    names = copy.table.coarse_names if coarse else copy.table.fine_names
+    notes = (cifar100_jpg.copy_note(copy), cifar100_jpg.SPLIT_NOTE, LABELS_NOTE[key])
+    return dataset(source, key, (copy.train_x, labels(copy.train_fine), copy.test_x, labels(copy.test_fine)), names,
+                   notes)
+
+
+def dataset(source: DataSource, key: str, arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+            names: list[str], notes: tuple[str, ...]) -> DataSet:
+    """uint8 (N, 32, 32, 3) images and int labels -> the normalised DataSet (the paper's statistics by default)."""
+    train_x, train_y, test_x, test_y = arrays
+    affine = normalization.resolve(source.normalization, RELEASES[key].default_normalization, 3)
     return DataSet(
         name=key,
-        train_x=normalization.to_tensor(train_x, affine), train_y=torch.from_numpy(train_y),
-        test_x=normalization.to_tensor(test_x, affine), test_y=torch.from_numpy(test_y),
-        num_classes=len(names), classes=names, default_model="cnn", normalization=affine,
+        train_x=normalization.to_tensor(train_x, affine), train_y=torch.from_numpy(np.asarray(train_y, np.int64)),
+        test_x=normalization.to_tensor(test_x, affine), test_y=torch.from_numpy(np.asarray(test_y, np.int64)),
+        num_classes=len(names), classes=list(names), default_model="cnn", normalization=affine, notes=notes,
     )
 
 
@@ -186,3 +226,9 @@ def load_cifar10(source: DataSource) -> DataSet:
 def load_cifar100(source: DataSource) -> DataSet:
     """CIFAR-100 with its 20 coarse superclass labels, as in the paper."""
     return load_release(source, "cifar100")
+
+
+@register("cifar100-fine")
+def load_cifar100_fine(source: DataSource) -> DataSet:
+    """CIFAR-100 with its 100 fine labels (not in the paper)."""
+    return load_release(source, "cifar100-fine")

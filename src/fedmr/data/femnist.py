@@ -1,6 +1,7 @@
-"""``dataset = "femnist"``: LEAF's JSON files, one client per writer.
+"""``dataset = "femnist"``: LEAF's JSON files or the shared ``femnist.npz`` (``femnist_npz.py``), one client per writer.
 
-``data_dir`` holds ``train/*.json`` and ``test/*.json``; each file has
+``data_dir`` holds ``train/*.json`` and ``test/*.json`` (or names ``femnist.npz``, or a folder
+holding it); each file has
 ``users``, ``num_samples`` and ``user_data`` (``x``: 784 floats in [0, 1] per
 image, ``y``: labels 0..61).  Training samples are indexed writer by writer
 (files in sorted name order, writers in file order), so the natural partition
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import cache, normalization
-from .base import DataSet, DataSource, register
+from . import cache, femnist_npz, normalization
+from .base import DataSet, DataSource, register, size_summary
 
 SIDE = 28
 NUM_CLASSES = 62
@@ -101,17 +102,29 @@ def parse(root: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     arrays["writer_sizes"] = np.array([len(w[2]) for w in train], dtype=np.int64)
     if not arrays["train_y"].size:
         raise DataError(f"FEMNIST folder {root} holds no training samples")
-    return arrays, {"writers": [w[0] for w in train], "source": str(root)}
+    return arrays, {"writers": [w[0] for w in train], "source": str(root), "test_sizes": [len(w[2]) for w in test]}
 
 
 @register("femnist")
 def load_femnist(source: DataSource) -> DataSet:
     root = Path(source.data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"FEMNIST folder not found: {root} (set data_dir to LEAF's data folder with train/*.json "
-                        f"and test/*.json)")
-    files = json_files(root, "train") + json_files(root, "test")
-    arrays, _meta = cache.cached("femnist", root, source.cache_dir, lambda: parse(root), files)
+    npz = femnist_npz.find(root)
+    if npz is not None:
+        arrays, meta = femnist_npz.read_npz(npz, SIDE, NUM_CLASSES)
+        notes = [f"copy: {npz.name}, real LEAF FEMNIST from {len(meta['runs'])} LEAF runs: {'; '.join(meta['runs'])}",
+                 femnist_npz.SUBSET_NOTE]
+    else:
+        if not root.is_dir():
+            raise DataError(f"FEMNIST folder not found: {root} (set data_dir to LEAF's data folder with train/*.json "
+                            f"and test/*.json, or to {femnist_npz.NPZ})")
+        files = json_files(root, "train") + json_files(root, "test")
+        arrays, meta = cache.cached("femnist", root, source.cache_dir, lambda: parse(root), files)
+        notes = [f"copy: LEAF JSON files ({len(files)} in {root}/train and test)"]
+    labels = np.concatenate([arrays["train_y"], arrays["test_y"]])
+    shares = [100 * float(np.mean((labels >= lo) & (labels < hi))) for lo, hi in ((0, 10), (10, 36), (36, 62))]
+    notes.append("samples: digits {:.1f}%, uppercase {:.1f}%, lowercase {:.1f}%".format(*shares))
+    if meta.get("test_sizes"):
+        notes.append(f"test: each writer's own test part (LEAF's split), pooled; per writer {size_summary(meta['test_sizes'])}")
     affine = normalization.resolve(source.normalization, DEFAULT_NORMALIZATION, 1)
     scale = 1 / 255 if arrays["train_x"].dtype == np.uint8 else 1.0
     ends = np.cumsum(arrays["writer_sizes"])
@@ -123,5 +136,6 @@ def load_femnist(source: DataSource) -> DataSet:
         test_x=normalization.to_tensor(arrays["test_x"], affine, scale),
         test_y=torch.from_numpy(arrays["test_y"].astype(np.int64)),
         num_classes=NUM_CLASSES, classes=CLASSES, natural_partition=natural, default_model="cnn_femnist",
-        normalization=affine,
+        normalization=affine, notes=tuple(notes),
     )
+

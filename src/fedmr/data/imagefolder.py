@@ -8,12 +8,13 @@ uint8 arrays are cached (see ``cache.py``), so later loads take seconds.
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -80,21 +81,34 @@ def read_folder(root: Path) -> tuple[Iterator[Record], dict[str, set[str]]]:
 
 
 def read_tar(path: Path, classes: dict[str, set[str]]) -> Iterator[Record]:
-    """Stream the archive once; members are ``[prefix/]split/class/file``."""
+    """Stream the archive once; members are ``[prefix/]split/class/file``.
+
+    A gzip archive is decompressed here and read to its end: tarfile's stream mode takes a cut that
+    falls between two members for the end of the archive, gzip's end-of-stream check does not."""
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                parts = [p for p in member.name.split("/") if p not in ("", ".")]
-                if member.isdir() and len(parts) >= 2 and parts[-2] in SPLITS and not parts[-1].startswith("."):
-                    classes[parts[-2]].add(parts[-1])
-                if not member.isfile() or len(parts) < 3 or parts[-3] not in SPLITS or not is_image_name(parts[-1]):
-                    continue
-                split, label = parts[-3], parts[-2]
-                classes[split].add(label)
-                handle = tar.extractfile(member)
-                yield split, label, parts[-1], handle.read() if handle else b""
+        with path.open("rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+            fh.seek(0)
+            stream = cast(IO[bytes], gzip.GzipFile(fileobj=fh) if gz else fh)
+            with tarfile.open(fileobj=stream, mode="r|" if gz else "r|*") as tar:
+                yield from _members(tar, classes)
+            while gz and stream.read(1 << 20):  # the rest (tar padding) up to gzip's end-of-stream marker and CRC
+                pass
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DataError(f"archive {path} is corrupt or truncated: {exc}") from None
+
+
+def _members(tar: tarfile.TarFile, classes: dict[str, set[str]]) -> Iterator[Record]:
+    for member in tar:
+        parts = [p for p in member.name.split("/") if p not in ("", ".")]
+        if member.isdir() and len(parts) >= 2 and parts[-2] in SPLITS and not parts[-1].startswith("."):
+            classes[parts[-2]].add(parts[-1])
+        if not member.isfile() or len(parts) < 3 or parts[-3] not in SPLITS or not is_image_name(parts[-1]):
+            continue
+        split, label = parts[-3], parts[-2]
+        classes[split].add(label)
+        handle = tar.extractfile(member)
+        yield split, label, parts[-1], handle.read() if handle else b""
 
 
 def decode_all(source: Path, site: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -145,8 +159,7 @@ def load_imagefolder(config: DataSource) -> DataSet:
     if not source.exists():
         raise DataError(f"image folder not found: {source} (set data_dir to a folder with train/<class>/* and "
                         f"test/<class>/*, or to a .tar.gz of one)")
-    files = folder_files(source) if source.is_dir() else []
-    arrays, meta = cache.cached("imagefolder", source, config.cache_dir, lambda: decode_all(source), files)
+    arrays, meta = decoded(source, config.cache_dir)
     channels = arrays["train_x"].shape[3]
     affine = normalization.resolve(config.normalization, DEFAULT_NORMALIZATION, channels)
     return DataSet(
@@ -156,6 +169,12 @@ def load_imagefolder(config: DataSource) -> DataSet:
         num_classes=len(meta["classes"]), classes=list(meta["classes"]), default_model="cnn",
         normalization=affine,
     )
+
+
+def decoded(source: Path, cache_dir: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The uint8 arrays of a folder or archive (``decode_all``), decoded once and then read from the cache."""
+    files = folder_files(source) if source.is_dir() else []
+    return cache.cached("imagefolder", source, cache_dir, lambda: decode_all(source), files)
 
 
 def source_name(source: Path) -> str:
