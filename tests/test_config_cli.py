@@ -123,6 +123,14 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "compare" in proc.stdout
 
 
+def test_run_help_names_every_built_in_model():
+    from fedmr.config import RunConfig
+    from fedmr.models import MODELS
+
+    help_text = RunConfig.__dataclass_fields__["model"].metadata["help"]
+    assert all(name in help_text.split(", ") for name in MODELS), help_text
+
+
 def test_parsing_the_arguments_does_not_import_torch():
     """The algorithms epilog (which imports torch) is built only for ``run/compare --help``."""
     code = ("import sys, fedmr.cli; fedmr.cli.build_parser().parse_args(['study', 'report', 'x.toml']); "

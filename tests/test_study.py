@@ -138,6 +138,16 @@ def test_dry_run_lists_cells_and_an_equal_finished_run_is_reused(tmp_path, refer
     assert rows["seed1-fedavg"][:3] == ["1", "missing", "0/6"]
     assert out.splitlines()[-1] == "1 to run: fedmr study run study.toml"
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    (tmp_path / "out" / "study").mkdir(parents=True)  # a reused run beside the study's folder: shown without ".."
+    (tmp_path / "out" / "study" / "cells.json").write_text(json.dumps(
+        {"cells": [{"name": "seed1-fedmr", "state": "reused",
+                    "folder": os.path.relpath(reference, tmp_path / "out" / "study")}]}))
+    assert main(["study", "run", "study.toml", "--dry-run"]) == 0
+    listed = {line.split()[3]: line.split()[4] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert ".." in os.path.relpath(reference, tmp_path / "out" / "study")
+    assert os.path.samefile(listed["seed1-fedmr"], reference) and "study/.." not in listed["seed1-fedmr"]
+    assert listed["seed1-fedmr"] == os.path.normpath(listed["seed1-fedmr"])
+    shutil.rmtree(tmp_path / "out")
 
     assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedmr"]) == 0
     assert not (tmp_path / "out" / "study" / "seed1-fedmr").exists()  # read in place, not rerun or copied
