@@ -90,6 +90,11 @@ def test_the_flower_server_writes_zero_client_state_and_the_plot_too(tmp_path):
     recorder.finish({"engine": "flower"})
     assert [r["client_state_mb"] for r in _rows(tmp_path / "flower")] == ["0", "0"]
     _read_png(tmp_path / "flower" / "accuracy.png")
+    # per-client evaluation and every round's training loss, as `fedmr run` writes them (issue 28.5)
+    assert all(0 <= float(r["client_acc_worst10"]) <= float(r["client_acc_mean"]) <= 1 for r in _rows(tmp_path / "flower"))
+    assert (tmp_path / "flower" / "train_loss.csv").read_text().count("\n") == 3  # the header, rounds 1 and 2
+    assert (tmp_path / "flower" / "client_accuracy.csv").is_file()
+    _read_png(tmp_path / "flower" / "loss.png")
 
 
 def test_the_plot_has_whole_round_ticks_markers_on_short_runs_and_names_model_and_data():
