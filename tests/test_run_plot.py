@@ -175,9 +175,17 @@ def test_a_flat_run_is_drawn_in_percent_from_zero_not_as_a_collapse():
     assert "(%)" in ax.get_ylabel()
 
 
-def test_ten_variants_get_a_legend_under_the_axes_that_covers_no_curve():
-    labels = ["fedavg", "fedprox", "scaffold", "moon", "fedgen", "clustered", "fedindep", "fedmr",
-              "fedmr@first_stage_rounds=50", "fedmr@block_fraction=0.5@first_stage_rounds=20"]
+SEEDS = " (mean of 3 seeds, band: lowest to highest seed)"  # the study's multi-seed curves
+
+
+@pytest.mark.parametrize("labels", [
+    ["fedavg", "fedprox", "scaffold", "moon", "fedgen", "clustered", "fedindep", "fedmr",
+     "fedmr@first_stage_rounds=50", "fedmr@block_fraction=0.5@first_stage_rounds=20"],
+    ["fedavg" + SEEDS, "fedprox", "scaffold", "moon", "fedgen", "clustered", "fedindep", "fedmr" + SEEDS,
+     "fedmr@first_stage_rounds=50" + SEEDS],
+    ["fedavg", "fedmr"],
+], ids=["compare-10", "study-long-labels", "two"])
+def test_the_legend_sits_under_the_axes_covers_no_curve_and_fits_the_image(labels):
     curves = {label: [{"round": r, "accuracy": 0.1 + 0.05 * i + 0.01 * r} for r in (1, 2, 3)]
               for i, label in enumerate(labels)}
     fig = accuracy_figure(curves, "compare")
@@ -187,6 +195,7 @@ def test_ten_variants_get_a_legend_under_the_axes_that_covers_no_curve():
     box, axes = legend.get_window_extent(), ax.get_window_extent()
     assert box.y1 <= axes.y0  # wholly under the plotting area
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y0 >= 0  # and inside the image
+    assert axes.width > 0.75 * fig.bbox.width and axes.height > 0.5 * fig.bbox.height  # not squeezed by it
 
 
 def test_a_band_is_shaded_in_its_curves_colour_and_loss_is_not_in_percent():

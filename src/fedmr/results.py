@@ -220,7 +220,8 @@ YLABELS = {"accuracy": "test accuracy of the global model (%)",
            "fed_accuracy": "federated evaluation accuracy, the clients' test data (%)",
            "loss": "cross-entropy loss"}
 PERCENT = {"accuracy", "fed_accuracy", *CLIENT_COLUMNS}  # fractions in the files, drawn in percent
-LEGEND_COLUMNS = 3  # legend entries per row under the plot (2 when a label is long)
+LEGEND_COLUMNS = 3  # legend entries per row under the plot, at most
+LEGEND_CHARS = 112  # characters of the legend's 8-point font across the 7-inch figure (an entry's line and gap: 9 more)
 Band = Sequence[tuple[float, float, float]]  # (round, low, high): a shaded spread around a curve
 
 
@@ -240,7 +241,8 @@ def accuracy_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: st
     from matplotlib.ticker import MaxNLocator
 
     scale = 100.0 if key in PERCENT else 1.0
-    columns = 2 if any(len(label) > 32 for label in curves) else LEGEND_COLUMNS
+    widest = max((len(label) for label in curves), default=0) + 9
+    columns = max(1, min(LEGEND_COLUMNS, LEGEND_CHARS // widest))
     legend_rows = -(-len(curves) // columns) if legend and curves else 0
     fig = Figure(figsize=(7, 4.5 + 0.22 * legend_rows), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
