@@ -267,10 +267,13 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert f"{CELLS[1]}: parked at round 2" in capsys.readouterr().out
     parked = started / "parked"
     assert sorted(p.name for p in parked.iterdir()) == ["README.md", "metrics.csv", "round-000002.json",
-                                                        "round-000002.safetensors"]
+                                                        "round-000002.safetensors", "train_loss.csv"]
     assert [line.split(",")[0] for line in (parked / "metrics.csv").read_text().splitlines()] == ["round", "2"]
-    # what a commit carries to the next machine: everything but checkpoints/ (git ignores it)
+    assert [line.split(",")[0] for line in (parked / "train_loss.csv").read_text().splitlines()] == ["round", "1", "2"]
+    # what a commit carries to the next machine: everything but checkpoints/ (git ignores it) and the live
+    # train_loss.csv (which may be ahead of the checkpoint: the parked one is not)
     shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints"))
+    (second / "out" / "study" / CELLS[1] / "train_loss.csv").unlink()
     monkeypatch.chdir(second)
     caplog.set_level(logging.INFO, logger="fedmr")
     assert main(["study", "run", "study.toml", "--quiet", "--only", f"name={CELLS[1]}"]) == 0
@@ -278,6 +281,7 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert len(resumed) == 1 and "after round 2" in resumed[0], resumed
     cell = second / "out" / "study" / CELLS[1]
     assert _comparable(cell) == _comparable(reference)
+    assert (cell / "train_loss.csv").read_bytes() == (reference / "train_loss.csv").read_bytes()  # every round's
     capsys.readouterr()
     assert main(["study", "park", "study.toml"]) == 0
     assert f"{CELLS[1]}: finished: parked checkpoint removed" in capsys.readouterr().out
