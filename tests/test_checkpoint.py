@@ -194,12 +194,14 @@ def test_resume_after_corrupt_newest_matches_uninterrupted_run(tmp_path, caplog,
     assert _run(run) == 0
     reference = _comparable(run / "metrics.csv")
     reference_model = load_tensors(run / "model.safetensors")
+    reference_losses = (run / "train_loss.csv").read_bytes()
     _truncate(run / CHECKPOINT_DIR / "round-000006.safetensors")
     (run / "model.safetensors").unlink()
     with caplog.at_level(logging.WARNING, logger="fedmr"):
         assert main(["run", "--quiet", "--resume", str(run)]) == 0
     assert any("skipping checkpoint round-000006.json" in r.message for r in caplog.records)
     assert _same_rows(_comparable(run / "metrics.csv"), reference)
+    assert (run / "train_loss.csv").read_bytes() == reference_losses  # rounds after round 4's checkpoint: trained again
     model = load_tensors(run / "model.safetensors")
     assert model.keys() == reference_model.keys()
     assert all(torch.equal(model[k], reference_model[k]) for k in model)

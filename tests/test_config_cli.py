@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,6 +124,14 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "compare" in proc.stdout
 
 
+def test_run_help_names_every_built_in_model():
+    from fedmr.config import RunConfig
+    from fedmr.models import MODELS
+
+    help_text = RunConfig.__dataclass_fields__["model"].metadata["help"]
+    assert all(name in help_text.split(", ") for name in MODELS), help_text
+
+
 def test_parsing_the_arguments_does_not_import_torch():
     """The algorithms epilog (which imports torch) is built only for ``run/compare --help``."""
     code = ("import sys, fedmr.cli; fedmr.cli.build_parser().parse_args(['study', 'report', 'x.toml']); "
@@ -136,3 +145,19 @@ def test_unknown_section_is_rejected(tmp_path):
     path.write_text("[fedfoo]\nmu = 1\n")
     with pytest.raises(ConfigError, match="unknown config section 'fedfoo'"):
         load_config(path)
+
+
+def test_the_docs_tables_are_unbroken():
+    """Every line between a Markdown table's rows (outside code blocks) is a table row:
+    pasted command output in a table cuts it in two (docs/errors.md once held progress-bar lines)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+        for paragraph in re.split(r"\n\s*\n", text):
+            lines = paragraph.strip("\n").splitlines()
+            rows = [i for i, line in enumerate(lines) if line.startswith("|")]
+            if any(re.match(r"\|\s*:?-{3,}", line) for line in lines):
+                bad = [line for line in lines[rows[0]:rows[-1] + 1] if not line.startswith("|")]
+                assert not bad, f"{page.name}: a table holds {bad[0][:60]!r}"

@@ -148,3 +148,114 @@ def test_the_engine_has_no_import_cycle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+# ---- per-client evaluation and every round's training loss (issue 28.5) ------------------------------------
+def _float(cell: str) -> float:
+    return float(cell) if cell else float("nan")
+
+
+@pytest.fixture(scope="module")
+def fedmr_run(tmp_path_factory):
+    cfg = load_config(None, [*TINY, "algorithm=fedmr", "num_clients=10", "clients_per_round=5"])
+    exp = prepare(cfg)
+    out = tmp_path_factory.mktemp("clients") / "run"
+    outcome = Simulation(exp, out_dir=out, progress="none").run()
+    return cfg, exp, out, outcome
+
+
+def test_each_clients_accuracy_is_read_from_one_pass_over_its_own_local_test_part(fedmr_run):
+    """The parts are `fedmr partition --export`'s (the same function, the same seed); a client's accuracy
+    from the single pass equals a pass over its part alone, to one sample: in eval mode a sample's logits
+    do not depend on its batch-mates, but batches of another size may round the logits differently and
+    turn a near tie (a float32 CPU difference, see the house rules)."""
+    import numpy as np
+
+    from fedmr.export import local_test_parts
+    from fedmr.training import evaluate
+
+    cfg, exp, out, outcome = fedmr_run
+    data = exp.data
+    parts = local_test_parts(exp.partition, data.train_y.numpy(), data.test_y.numpy(), data.num_classes, cfg.seed)
+    header, rows = read_rows(out / "client_accuracy.csv")
+    assert header == ["round", "client", "test_samples", "correct", "accuracy"]
+    assert [int(r["client"]) for r in rows] == list(range(10)) and {r["round"] for r in rows} == {"5"}  # the last
+    assert [int(r["test_samples"]) for r in rows] == [len(p) for p in parts]
+    assert sum(len(p) for p in parts) == len(data.test_y)  # every class is trained on by someone: all dealt
+    model = exp.new_model()
+    model.load_state_dict(outcome.final_state)
+    for row, part in zip(rows, parts):
+        if not part:
+            assert row["accuracy"] == ""
+            continue
+        alone, _ = evaluate(model, data.test_x[part], data.test_y[part], cfg.test_batch_size)
+        assert abs(_float(row["accuracy"]) - alone) <= 1 / len(part) + 1e-12, row
+        assert int(row["correct"]) / len(part) == pytest.approx(_float(row["accuracy"]), rel=1e-5)
+    # the parts together are the test set: the sample-weighted mean of the clients' is the test accuracy
+    right = sum(int(r["correct"]) for r in rows)
+    assert right / len(data.test_y) == pytest.approx(outcome.rows[-1]["accuracy"], abs=1e-12)
+    # the row's spread is the file's accuracies' (mean, population std, the worst ceil(10%) = 1 of 10)
+    accs = np.array([int(r["correct"]) / int(r["test_samples"]) for r in rows if int(r["test_samples"])])
+    last = outcome.rows[-1]
+    assert last["client_acc_mean"] == pytest.approx(accs.mean(), abs=1e-12)
+    assert last["client_acc_std"] == pytest.approx(accs.std(), abs=1e-12)
+    assert last["client_acc_worst10"] == pytest.approx(np.sort(accs)[:1].mean(), abs=1e-12)
+    _, written = read_rows(out / "metrics.csv")
+    assert [_float(w["client_acc_mean"]) for w in written] == pytest.approx([r["client_acc_mean"] for r in outcome.rows],
+                                                                            rel=1e-5)  # 6 significant digits
+
+
+def test_the_worst_ten_percent_is_counted_in_whole_clients():
+    import math
+
+    import numpy as np
+
+    from fedmr.engine.client_eval import spread
+
+    thirty = np.arange(30) / 30  # ceil(30 * 10%) = 3 clients, although 0.1 * 30 > 3 in floats
+    assert spread(thirty)["client_acc_worst10"] == pytest.approx((0 + 1 + 2) / 30 / 3)
+    assert spread(np.array([0.5, np.nan, 0.25]))["client_acc_worst10"] == 0.25  # a client without test samples: out
+    assert spread(np.array([0.5, np.nan, 0.25]))["client_acc_std"] == pytest.approx(0.125)
+    assert all(math.isnan(v) for v in spread(np.array([np.nan])).values())
+
+
+def test_every_rounds_training_loss_has_its_own_file_and_metrics_keeps_its_rows(fedmr_run):
+    cfg, exp, out, outcome = fedmr_run
+    header, rows = read_rows(out / "train_loss.csv")
+    assert header == ["round", "train_loss", "clients", "rejected", "dropped"]
+    assert [int(r["round"]) for r in rows] == [1, 2, 3, 4, 5]
+    _, metrics = read_rows(out / "metrics.csv")
+    assert [m["round"] for m in metrics] == ["2", "4", "5"]  # evaluation rows only, as before
+    by_round = {r["round"]: r for r in rows}
+    for m in metrics:  # an evaluated round's training loss is the same number in both files
+        assert (by_round[m["round"]]["train_loss"], by_round[m["round"]]["clients"]) == (m["train_loss"], m["clients"])
+    assert all(r["clients"] == "5" and r["rejected"] == "0" for r in rows)
+    image = (out / "loss.png").read_bytes()
+    assert image[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_run_keeps_the_training_loss_rows_up_to_its_checkpoint(tmp_path):
+    """Rows after the checkpoint's round (trained again on resume) and a half-written last line are dropped."""
+    writer = RunWriter(tmp_path / "r")
+    assert writer.start_train_log() == []
+    for r in range(1, 6):
+        writer.append_train_row({"round": r, "train_loss": 2.0 / r, "clients": 3, "rejected": 0, "dropped": 0})
+    with writer.train_log_path.open("a") as fh:
+        fh.write("6,0.3")  # killed mid-line
+    kept = writer.start_train_log(through=4)
+    assert [r["round"] for r in kept] == [1.0, 2.0, 3.0, 4.0] and kept[1]["train_loss"] == 1.0
+    assert writer.train_log_path.read_text().splitlines()[-1] == "4,0.5,3,0,0"
+    assert len(writer.train_log_path.read_text().splitlines()) == 5
+    assert writer.start_train_log(through=0) == [] and writer.train_log_path.read_text() == \
+        "round,train_loss,clients,rejected,dropped\n"  # a fresh start
+
+
+def test_the_vectorized_path_and_a_run_without_a_folder_evaluate_per_client_too():
+    from fedmr.engine.vectorized import VectorizedRunner
+
+    cfg = load_config(None, [*TINY, "algorithm=fedmr", "rounds=2", "eval_every=1", "vectorize=true"])
+    sim = Simulation(prepare(cfg), progress="none")
+    assert isinstance(sim.runner, VectorizedRunner)
+    outcome = sim.run()
+    assert all(0 <= r["client_acc_worst10"] <= r["client_acc_mean"] <= 1 for r in outcome.rows)
+    assert [r["round"] for r in sim.recorder.train_rows] == [1, 2]

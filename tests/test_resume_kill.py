@@ -114,6 +114,8 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_run(tmp_path):
     assert done.returncode == 0, done.stderr
 
     assert _comparable(run) == _comparable(reference), events
+    for name in ("train_loss.csv", "client_accuracy.csv"):  # every round's loss, the last per-client evaluation
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), (name, events)
     got, want = load_tensors(run / "model.safetensors"), load_tensors(reference / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), events
     names = sorted(p.name for p in (run / CHECKPOINT_DIR).iterdir())

@@ -90,6 +90,11 @@ def test_the_flower_server_writes_zero_client_state_and_the_plot_too(tmp_path):
     recorder.finish({"engine": "flower"})
     assert [r["client_state_mb"] for r in _rows(tmp_path / "flower")] == ["0", "0"]
     _read_png(tmp_path / "flower" / "accuracy.png")
+    # per-client evaluation and every round's training loss, as `fedmr run` writes them (issue 28.5)
+    assert all(0 <= float(r["client_acc_worst10"]) <= float(r["client_acc_mean"]) <= 1 for r in _rows(tmp_path / "flower"))
+    assert (tmp_path / "flower" / "train_loss.csv").read_text().count("\n") == 3  # the header, rounds 1 and 2
+    assert (tmp_path / "flower" / "client_accuracy.csv").is_file()
+    _read_png(tmp_path / "flower" / "loss.png")
 
 
 def test_the_plot_has_whole_round_ticks_markers_on_short_runs_and_names_model_and_data():
@@ -157,3 +162,73 @@ def test_plotting_prints_no_matplotlib_log_lines(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "matplotlib" not in proc.stderr and "matplotlib" not in proc.stdout
     _read_png(tmp_path / "r" / "accuracy.png")
+
+
+# ---- issue 28.4: one unit, an axis from 0, a legend off the curves, a band for seeds ----------------------
+def test_a_flat_run_is_drawn_in_percent_from_zero_not_as_a_collapse():
+    rows = [{"round": r, "accuracy": a} for r, a in ((2, 0.1114), (4, 0.1085), (6, 0.1114))]
+    fig = accuracy_figure({"fedmr": rows}, "t", legend=False)
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([11.14, 10.85, 11.14])  # percent, as the study's plots
+    low, high = ax.get_ylim()
+    assert low == 0 and 11.14 < high < 12  # the highest point is inside the axes, not on its edge
+    assert "(%)" in ax.get_ylabel()
+
+
+SEEDS = " (mean of 3 seeds, band: lowest to highest seed)"  # the study's multi-seed curves
+
+
+@pytest.mark.parametrize("labels", [
+    ["fedavg", "fedprox", "scaffold", "moon", "fedgen", "clustered", "fedindep", "fedmr",
+     "fedmr@first_stage_rounds=50", "fedmr@block_fraction=0.5@first_stage_rounds=20"],
+    ["fedavg" + SEEDS, "fedprox", "scaffold", "moon", "fedgen", "clustered", "fedindep", "fedmr" + SEEDS,
+     "fedmr@first_stage_rounds=50" + SEEDS],
+    ["fedavg", "fedmr"],
+], ids=["compare-10", "study-long-labels", "two"])
+def test_the_legend_sits_under_the_axes_covers_no_curve_and_fits_the_image(labels):
+    curves = {label: [{"round": r, "accuracy": 0.1 + 0.05 * i + 0.01 * r} for r in (1, 2, 3)]
+              for i, label in enumerate(labels)}
+    fig = accuracy_figure(curves, "compare")
+    fig.canvas.draw()
+    ax, legend = fig.axes[0], fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == labels
+    box, axes = legend.get_window_extent(), ax.get_window_extent()
+    assert box.y1 <= axes.y0  # wholly under the plotting area
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y0 >= 0  # and inside the image
+    assert axes.width > 0.75 * fig.bbox.width and axes.height > 0.5 * fig.bbox.height  # not squeezed by it
+
+
+def test_a_band_is_shaded_in_its_curves_colour_and_loss_is_not_in_percent():
+    rows = [{"round": r, "accuracy": 0.5} for r in (1, 2)]
+    fig = accuracy_figure({"a": rows}, "t", bands={"a": [(1, 0.4, 0.6), (2, 0.45, 0.55)]})
+    ax = fig.axes[0]
+    (band,) = ax.collections
+    assert band.get_facecolor()[0][:3] == pytest.approx(matplotlib_rgb(ax.lines[0].get_color()))
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(60.0)  # percent too
+    fig = accuracy_figure({"loss": [{"round": 1, "loss": 2.3}]}, "t", key="loss")
+    assert fig.axes[0].lines[0].get_ydata()[0] == 2.3 and fig.axes[0].get_ylabel() == "cross-entropy loss"
+
+
+def matplotlib_rgb(color: str) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return to_rgb(color)
+
+
+def test_a_run_draws_its_loss_beside_its_accuracy(fedavg_run):
+    image = _read_png(fedavg_run / "loss.png")
+    assert image.shape[0] > 300 and image.shape[1] > 500
+    assert [r.split(",")[0] for r in (fedavg_run / "train_loss.csv").read_text().splitlines()] == \
+        ["round", "1", "2", "3"]
+
+
+def test_the_study_plots_draw_with_the_same_function_and_a_band_over_seeds(tmp_path):
+    from fedmr.study.plots import BAND, plot, seed_curve, seed_label
+
+    seeds = [[{"round": 2, "accuracy": 0.2}, {"round": 4, "accuracy": 0.4}, {"round": 5, "accuracy": 0.5}],
+             [{"round": 2, "accuracy": 0.3}, {"round": 4, "accuracy": 0.2}]]  # the second stopped at round 4
+    points, band = seed_curve(seeds)
+    assert points == [(2, 0.25), (4, pytest.approx(0.3))] and band == [(2, 0.2, 0.3), (4, 0.2, 0.4)]
+    assert seed_label("fedmr", 2) == f"fedmr (mean of 2 seeds, {BAND})" and seed_label("fedmr", 1) == "fedmr"
+    plot({seed_label("fedmr", 2): points}, tmp_path / "p.png", "t", {seed_label("fedmr", 2): band})
+    _read_png(tmp_path / "p.png")

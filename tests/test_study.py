@@ -138,6 +138,16 @@ def test_dry_run_lists_cells_and_an_equal_finished_run_is_reused(tmp_path, refer
     assert rows["seed1-fedavg"][:3] == ["1", "missing", "0/6"]
     assert out.splitlines()[-1] == "1 to run: fedmr study run study.toml"
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    (tmp_path / "out" / "study").mkdir(parents=True)  # a reused run beside the study's folder: shown without ".."
+    (tmp_path / "out" / "study" / "cells.json").write_text(json.dumps(
+        {"cells": [{"name": "seed1-fedmr", "state": "reused",
+                    "folder": os.path.relpath(reference, tmp_path / "out" / "study")}]}))
+    assert main(["study", "run", "study.toml", "--dry-run"]) == 0
+    listed = {line.split()[3]: line.split()[4] for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert ".." in os.path.relpath(reference, tmp_path / "out" / "study")
+    assert os.path.samefile(listed["seed1-fedmr"], reference) and "study/.." not in listed["seed1-fedmr"]
+    assert listed["seed1-fedmr"] == os.path.normpath(listed["seed1-fedmr"])
+    shutil.rmtree(tmp_path / "out")
 
     assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedmr"]) == 0
     assert not (tmp_path / "out" / "study" / "seed1-fedmr").exists()  # read in place, not rerun or copied
@@ -257,10 +267,13 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert f"{CELLS[1]}: parked at round 2" in capsys.readouterr().out
     parked = started / "parked"
     assert sorted(p.name for p in parked.iterdir()) == ["README.md", "metrics.csv", "round-000002.json",
-                                                        "round-000002.safetensors"]
+                                                        "round-000002.safetensors", "train_loss.csv"]
     assert [line.split(",")[0] for line in (parked / "metrics.csv").read_text().splitlines()] == ["round", "2"]
-    # what a commit carries to the next machine: everything but checkpoints/ (git ignores it)
+    assert [line.split(",")[0] for line in (parked / "train_loss.csv").read_text().splitlines()] == ["round", "1", "2"]
+    # what a commit carries to the next machine: everything but checkpoints/ (git ignores it) and the live
+    # train_loss.csv (which may be ahead of the checkpoint: the parked one is not)
     shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints"))
+    (second / "out" / "study" / CELLS[1] / "train_loss.csv").unlink()
     monkeypatch.chdir(second)
     caplog.set_level(logging.INFO, logger="fedmr")
     assert main(["study", "run", "study.toml", "--quiet", "--only", f"name={CELLS[1]}"]) == 0
@@ -268,6 +281,7 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert len(resumed) == 1 and "after round 2" in resumed[0], resumed
     cell = second / "out" / "study" / CELLS[1]
     assert _comparable(cell) == _comparable(reference)
+    assert (cell / "train_loss.csv").read_bytes() == (reference / "train_loss.csv").read_bytes()  # every round's
     assert not (cell / "parked").exists()  # the finished cell removed it itself
     (cell / "parked").mkdir()  # as a commit of the parked cell, pulled after the cell finished elsewhere, leaves it
     capsys.readouterr()
@@ -289,10 +303,13 @@ def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, cap
     _kill(proc)
     assert not (cell / "summary.json").exists()
     parked = sorted(p.name for p in (cell / "parked").iterdir())
-    assert parked == ["README.md", "metrics.csv", "round-000010.json", "round-000010.safetensors"], parked
-    # what a commit carries: config, partition and parked/ (checkpoints/ is ignored, metrics.csv left out)
-    shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints", "metrics.csv", "log"))
-    shutil.copy2(cell / "parked" / "metrics.csv", second / "out" / "study" / cell.name / "parked" / "metrics.csv")
+    assert parked == ["README.md", "metrics.csv", "round-000010.json", "round-000010.safetensors", "train_loss.csv"], \
+        parked
+    # what a commit carries: config, partition and parked/ (checkpoints/ is ignored; the live files, ahead of
+    # the parked checkpoint, are left out)
+    shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints", "metrics.csv", "train_loss.csv", "log"))
+    for name in ("metrics.csv", "train_loss.csv"):
+        shutil.copy2(cell / "parked" / name, second / "out" / "study" / cell.name / "parked" / name)
     monkeypatch.chdir(second)
     caplog.set_level(logging.INFO, logger="fedmr")
     assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedavg"]) == 0
@@ -304,4 +321,5 @@ def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, cap
     assert main(["run", "--quiet", "--out", str(reference), "--set", "rounds=14", "--set", "algorithm=\"fedavg\"",
                  *[a for s in settings for a in ("--set", s)]]) == 0
     assert _comparable(resumed_cell) == _comparable(reference)
+    assert (resumed_cell / "train_loss.csv").read_bytes() == (reference / "train_loss.csv").read_bytes()
     assert not (resumed_cell / "parked").exists()

@@ -278,6 +278,7 @@ def test_batched_algorithms_give_the_same_run(algorithm):
         assert row_v["clients"] == row_s["clients"]
         assert row_v["train_loss"] == pytest.approx(row_s["train_loss"], rel=1e-4)
         assert row_v["accuracy"] == pytest.approx(row_s["accuracy"], abs=1e-3)
+        assert row_v["client_acc_mean"] == pytest.approx(row_s["client_acc_mean"], abs=1e-2)  # one-sample flips, as above
     for key, value in sequential.final_state.items():
         torch.testing.assert_close(vectorized.final_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
 

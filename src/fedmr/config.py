@@ -54,7 +54,7 @@ class RunConfig(Mapping[str, Any]):
     normalization: str = setting("auto", "auto (the data set's paper default), cifar10, cifar10-stats, femnist, none", "data")
     cache_dir: str = setting("", "decoded-data cache; \"\" = $FEDMR_CACHE, else .fedmr-cache beside the data, else "
                              "~/.cache/fedmr", "data")
-    model: str = setting("auto", "cnn, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory")
+    model: str = setting("auto", "cnn, cnn_femnist, resnet20, vgg16, mlp, auto (the data set's default), or pkg.mod:factory")
     num_clients: int = setting(100, "clients the training set is split among", "partition")
     clients_per_round: int = setting("auto", "clients selected each round (K); auto = the paper's: 10, or 10% of "
                                      "the writers on a natural partition (FEMNIST)")  # an int once validated

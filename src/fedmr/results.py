@@ -4,9 +4,12 @@
     <out>/partition.json       the clients' indices, in the authors' format
     <out>/partition_summary.json
     <out>/metrics.csv          one row per evaluation
+    <out>/train_loss.csv       one row per round: the clients' training loss and how many were used
+    <out>/client_accuracy.csv  the last evaluation's accuracy on each client's local test part
     <out>/summary.json         final / best / mean-of-last-5 accuracy (``last_n``: how many evaluations
                                that mean is over, fewer than 5 on a short run), wall time
     <out>/accuracy.png         the accuracy curve (``plot_curves``, the one plot ``compare`` draws too)
+    <out>/loss.png             the training loss of every round and the test loss at the evaluations
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +32,14 @@ from .partition import PartitionSpec
 
 log = logging.getLogger("fedmr")
 
+# the global model's accuracy on each client's local test part: mean, std and worst-10% mean over the clients
+CLIENT_COLUMNS = ["client_acc_mean", "client_acc_std", "client_acc_worst10"]
 METRIC_COLUMNS = [
-    "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb",
-    "down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb", "elapsed_s",
+    "round", "accuracy", "loss", *CLIENT_COLUMNS, "train_loss", "clients", "rejected", "dropped", "pool_cosine",
+    "client_state_mb", "down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb", "elapsed_s",
 ]
+TRAIN_COLUMNS = ["round", "train_loss", "clients", "rejected", "dropped"]  # train_loss.csv: every round
+CLIENT_FILE_COLUMNS = ["round", "client", "test_samples", "correct", "accuracy"]  # client_accuracy.csv
 LAST_N = 5  # summary.json's mean_last5_accuracy: over the last LAST_N evaluations (all, if fewer)
 MARKER_POINTS = 30  # a curve with at most this many evaluations is drawn with a marker at each
 
@@ -67,8 +75,50 @@ class RunWriter:
 
         atomic_write(self.metrics_path, write)
 
+    # ---- train_loss.csv: a row per round, appended (rewritten only when a run starts or resumes) ----
+    @property
+    def train_log_path(self) -> Path:
+        return self.dir / "train_loss.csv"
+
+    def start_train_log(self, through: int = 0) -> list[dict[str, float]]:
+        """Begin train_loss.csv.  A resumed run (``through``: the rounds its checkpoint holds) keeps the
+        file's rows of rounds 1..through and drops the later ones (rounds the checkpoint does not hold,
+        trained again now) and any half-written last line; a new run starts it empty.  The rows kept."""
+        kept: list[str] = []
+        if through > 0 and self.train_log_path.is_file():
+            lines = self.train_log_path.read_text().split("\n")[:-1]  # the part after the last newline is unfinished
+            if lines and lines[0] == ",".join(TRAIN_COLUMNS):
+                kept = [line for line in lines[1:] if (r := _train_round(line)) is not None and r <= through]
+        text = "".join(f"{line}\n" for line in [",".join(TRAIN_COLUMNS), *kept])
+        atomic_write_text(self.train_log_path, text)
+        return [{k: float(v) if v else math.nan for k, v in zip(TRAIN_COLUMNS, line.split(","))} for line in kept]
+
+    def append_train_row(self, row: Mapping[str, Any]) -> None:
+        with self.train_log_path.open("a") as fh:
+            fh.write(",".join(str(_fmt(row.get(k))) for k in TRAIN_COLUMNS) + "\n")
+
+    def sync_train_log(self) -> None:
+        """On disk before a checkpoint that counts its rounds is (a resumed run keeps the rows up to it)."""
+        if self.train_log_path.is_file():
+            with self.train_log_path.open("rb+") as fh:
+                os.fsync(fh.fileno())
+
+    def write_client_accuracy(self, done: int, correct: Iterable[int], sizes: Iterable[int]) -> None:
+        """client_accuracy.csv: each client's test samples, right answers and accuracy at round ``done``
+        (empty accuracy for a client without test samples); rewritten at each evaluation."""
+        lines = [",".join(CLIENT_FILE_COLUMNS)]
+        for client, (right, n) in enumerate(zip(correct, sizes)):
+            lines.append(f"{done},{client},{int(n)},{int(right)},{_fmt(int(right) / int(n)) if n else ''}")
+        atomic_write_text(self.dir / "client_accuracy.csv", "\n".join(lines) + "\n")
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_text(self.dir / "summary.json", json.dumps(summary, indent=1))
+
+
+def _train_round(line: str) -> int | None:
+    """The round of a complete train_loss.csv row; None for a malformed one."""
+    fields = line.split(",")
+    return int(fields[0]) if len(fields) == len(TRAIN_COLUMNS) and fields[0].isdigit() else None
 
 
 def _fmt(value: Any) -> Any:
@@ -166,16 +216,23 @@ def setting_title(cfg: Mapping[str, Any], model: str, data: str, num_clients: in
     return f"{model} on {data} ({where}, {n} clients)"
 
 
-YLABELS = {"accuracy": "test accuracy of the global model",
-           "fed_accuracy": "federated evaluation accuracy (the clients' test data)"}
+YLABELS = {"accuracy": "test accuracy of the global model (%)",
+           "fed_accuracy": "federated evaluation accuracy, the clients' test data (%)",
+           "loss": "cross-entropy loss"}
+PERCENT = {"accuracy", "fed_accuracy", *CLIENT_COLUMNS}  # fractions in the files, drawn in percent
+LEGEND_COLUMNS = 3  # legend entries per row under the plot, at most
+LEGEND_CHARS = 112  # characters of the legend's 8-point font across the 7-inch figure (an entry's line and gap: 9 more)
+Band = Sequence[tuple[float, float, float]]  # (round, low, high): a shaded spread around a curve
 
 
 def accuracy_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: str, *, key: str = "accuracy",
-                    legend: bool = True) -> Any:
+                    legend: bool = True, bands: Mapping[str, Band] | None = None, ylabel: str | None = None) -> Any:
     """The matplotlib ``Figure`` of ``plot_curves`` (on an Agg canvas, without pyplot: no display
-    needed, and the caller's own backend is left alone): the accuracy curve (column ``key``
-    against ``round``) of each run, whole rounds on the x axis, a marker at every evaluation when a
-    curve has few (``MARKER_POINTS``), rows without a value skipped."""
+    needed, and the caller's own backend is left alone): the curve of column ``key`` against
+    ``round`` of each run, rows without a value skipped, a marker at every point when a curve has few
+    (``MARKER_POINTS``), and, for a label in ``bands``, its band shaded in the curve's colour.
+    Accuracies are drawn in percent; the y axis starts at 0 (a flat curve at 11% does not look like a
+    collapse), the x axis has whole rounds only, and the legend sits under the plot, never on a curve."""
     mpl_log = logging.getLogger("matplotlib")  # the CLI logs at INFO: keep font_manager's lines out of it
     if mpl_log.level == logging.NOTSET:
         mpl_log.setLevel(logging.WARNING)
@@ -183,31 +240,45 @@ def accuracy_figure(curves: Mapping[str, Sequence[Mapping[str, Any]]], title: st
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    scale = 100.0 if key in PERCENT else 1.0
+    widest = max((len(label) for label in curves), default=0) + 9
+    columns = max(1, min(LEGEND_COLUMNS, LEGEND_CHARS // widest))
+    legend_rows = -(-len(curves) // columns) if legend and curves else 0
+    fig = Figure(figsize=(7, 4.5 + 0.22 * legend_rows), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    lowest, highest = 0.0, 0.0
     for label, rows in curves.items():
-        points = [(float(r["round"]), float(r[key])) for r in rows if _finite(r.get(key))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.4,
-                marker="o" if len(points) <= MARKER_POINTS else None, markersize=4)
+        points = [(float(r["round"]), scale * float(r[key])) for r in rows if _finite(r.get(key))]
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=1.4,
+                          marker="o" if len(points) <= MARKER_POINTS else None, markersize=4)
+        band = (bands or {}).get(label)
+        if band:
+            ax.fill_between([b[0] for b in band], [scale * b[1] for b in band], [scale * b[2] for b in band],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        values = [p[1] for p in points] + [scale * b[2] for b in band or ()]
+        lowest, highest = min([lowest, *values]), max([highest, *values])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if lowest >= 0 and math.isfinite(highest):
+        ax.set_ylim(0, 1.05 * highest if highest > 0 else 1.0)
     ax.set_xlabel("round")
-    ax.set_ylabel(YLABELS.get(key, key))
+    ax.set_ylabel(ylabel or YLABELS.get(key, key))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if legend:
-        ax.legend()
-    fig.tight_layout()
+    if legend_rows:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=columns, fontsize=8, frameon=False)
     return fig
 
 
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str, *,
-                key: str = "accuracy", legend: bool = True) -> None:
-    """One PNG with the accuracy curve of each run (``accuracy_figure``), written atomically (a
-    crash leaves no half file).  Both ``fedmr run`` (the engine's recorder: each run's
-    ``accuracy.png``) and ``fedmr compare`` (all variants in one) draw with it."""
-    fig = accuracy_figure(curves, title, key=key, legend=legend)
-    atomic_write(Path(path), lambda tmp: fig.canvas.print_png(str(tmp)))
+                key: str = "accuracy", legend: bool = True, bands: Mapping[str, Band] | None = None,
+                ylabel: str | None = None, metadata: Mapping[str, str | None] | None = None) -> None:
+    """One PNG with the curve of each run (``accuracy_figure``), written atomically (a crash leaves
+    no half file).  ``fedmr run`` (the engine's recorder: each run's ``accuracy.png`` and
+    ``loss.png``), ``fedmr compare`` (all variants in one) and the study's page (``metadata``
+    pinned, so the bytes carry no version) all draw with it."""
+    fig = accuracy_figure(curves, title, key=key, legend=legend, bands=bands, ylabel=ylabel)
+    atomic_write(Path(path), lambda tmp: fig.canvas.print_png(str(tmp), metadata=dict(metadata or {})))
 
 
 def write_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str, **options: Any) -> bool:

@@ -98,9 +98,12 @@ def train_sgd(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole set (in the model's own
-    precision: the server's measurement of the fp32 weights)."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000, *,
+             hits: torch.Tensor | None = None) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model`` in eval mode over the whole set, in the model's own
+    precision (the server's measurement of the fp32 weights).  ``hits``: a bool tensor of ``len(y)``
+    filled with whether each sample was classified right (the per-client accuracies of a run are
+    read from it: one pass over the test set, not one per client)."""
     keep_freed_memory()
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
@@ -109,7 +112,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         logits = model(x[start : start + batch_size])
         target = y[start : start + batch_size]
         loss += F.cross_entropy(logits, target, reduction="sum").double()
-        correct += (logits.argmax(1) == target).sum()
+        hit = logits.argmax(1) == target
+        correct += hit.sum()
+        if hits is not None:
+            hits[start : start + batch_size] = hit
     n = max(y.shape[0], 1)
     return float(correct) / n, float(loss) / n
 

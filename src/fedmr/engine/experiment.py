@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..partition import Partition, config_json, make_partition, summarize
 from ..results import RunWriter
 from ..seeding import derive_seed
 from ..training import bf16_is_native, clone_state
+from .client_eval import ClientTests
 
 log = logging.getLogger("fedmr")
 
@@ -58,6 +60,12 @@ class Experiment:
             seed=self.cfg.seed,
             label_counts=counts,
         )
+
+    @cached_property
+    def client_tests(self) -> ClientTests | None:
+        """Each client's local test part (``engine/client_eval.py``), dealt once per experiment; None
+        where its clients hold their data themselves or there is no test set."""
+        return ClientTests.deal(self.data, self.partition, self.cfg.seed)
 
     def write_clients(self, writer: RunWriter, cfg: RunConfig) -> None:
         """The results folder's record of who holds which data: partition.json (each client's sample

@@ -19,9 +19,10 @@ from ..algorithms.base import Algorithm
 from ..callbacks import close_callbacks, run_callbacks
 from ..config import RunConfig
 from ..data import IN_MEMORY
-from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
+from ..results import CLIENT_COLUMNS, METRIC_COLUMNS, TRAIN_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
+from .client_eval import spread
 
 if TYPE_CHECKING:  # the recorder only reads an Experiment
     from .experiment import Experiment
@@ -44,7 +45,13 @@ class Recorder:
       and after the last one (``evaluation_due``; a front end that also evaluates elsewhere, e.g.
       Flower's federated evaluation, asks it too).  An experiment without test samples gets empty
       accuracy/loss cells instead of an evaluation.
-    * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, then the round's ``clients``,
+    * Every round: its training loss and counts, a row of ``train_loss.csv`` (``TRAIN_COLUMNS``),
+      appended; a resumed run keeps the rows up to its checkpoint's round.
+    * Per-client evaluation: with each evaluation, the global model's accuracy on each client's local
+      test part, read from the same single pass over the test set (``engine/client_eval.py``): its
+      mean, std and worst-10% mean over the clients in the row (``client_acc_*``), every client's in
+      ``client_accuracy.csv`` (rewritten, so it holds the last evaluation).
+    * A metrics row: ``METRIC_COLUMNS`` (round, accuracy, loss, the ``client_acc_*`` spread, then the round's ``clients``,
       ``rejected``, ``dropped`` and ``train_loss`` as the front end counted them, then the
       algorithm's ``round_metrics()``: ``pool_cosine``, empty when the algorithm keeps no pool, and
       ``client_state_mb``, 0 when it keeps nothing per client, then the round's traffic as the
@@ -55,8 +62,9 @@ class Recorder:
     * Checkpoints: after every ``checkpoint_every``-th round (0: at every evaluation), after the
       last one, and whenever the front end asks (``force``: a stop signal).
     * The end: ``model.safetensors`` (the global model), ``summary.json``, then ``accuracy.png``
-      (the accuracy curve, drawn as ``fedmr compare`` draws its curves; a plot that fails is a
-      logged warning, never a lost run).
+      (the accuracy curve, drawn as ``fedmr compare`` draws its curves) and ``loss.png`` (training
+      loss every round, test loss at the evaluations); a plot that fails is a logged warning, never a
+      lost run.
 
     Extra columns: a front end that measures more per evaluation (e.g. Flower's federated
     evaluation, ``fed_accuracy`` / ``fed_loss``) names them once in ``extra_columns`` and passes
@@ -89,6 +97,7 @@ class Recorder:
         self.rounds, self.every = self.cfg.rounds, self.cfg.eval_every
         self.checkpoint_every = self.cfg.checkpoint_every or self.every
         self.rows: list[Row] = []
+        self.train_rows: list[Row] = []  # every round's train_loss.csv row
         self.fingerprint: dict[str, Any] | None = None
         # MB exchanged so far, every round counted; None once unknown (resumed from a checkpoint of before them)
         self.totals: dict[str, float] | None = {"down_total_mb": 0.0, "up_total_mb": 0.0}
@@ -115,6 +124,7 @@ class Recorder:
                 else:
                     self.totals.update({k: v for k, v in counters.items() if k in self.totals})
             write_run_header(self.writer, self.cfg, self.exp)
+            self.train_rows = self.writer.start_train_log(done)
         self._start = time.perf_counter() - elapsed
         return done
 
@@ -134,10 +144,29 @@ class Recorder:
         """(accuracy, loss) of the algorithm's global model on the test set; (NaN, NaN), written as
         empty cells, when the experiment has no test samples (a Flower federation whose server holds
         no test set: the sites evaluate, in the front end's extra columns)."""
-        if not len(self.exp.data.test_y):
-            return math.nan, math.nan
+        acc, loss, _ = self._evaluate()
+        return acc, loss
+
+    def _evaluate(self) -> tuple[float, float, torch.Tensor | None]:
+        """``evaluate``, and whether each test sample was right (None without a test set)."""
+        y = self.exp.data.test_y
+        if not len(y):
+            return math.nan, math.nan, None
         self.model.load_state_dict(self.algorithm.global_state())
-        return evaluate(self.model, self.exp.data.test_x, self.exp.data.test_y, self.cfg.test_batch_size)
+        hits = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        acc, loss = evaluate(self.model, self.exp.data.test_x, y, self.cfg.test_batch_size, hits=hits)
+        return acc, loss, hits
+
+    def _per_client(self, done: int, hits: torch.Tensor | None) -> dict[str, float]:
+        """The row's ``client_acc_*`` from the evaluation's ``hits`` (empty cells where the clients have
+        no local test parts), and client_accuracy.csv."""
+        tests = self.exp.client_tests
+        if hits is None or tests is None:
+            return dict.fromkeys(CLIENT_COLUMNS, math.nan)
+        correct = tests.correct(hits)
+        if self.writer is not None:
+            self.writer.write_client_accuracy(done, correct, tests.sizes)
+        return spread(tests.accuracies(correct))
 
     def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
         """After round ``done`` (1-based, whole run): add its traffic to the totals, evaluate when due
@@ -145,14 +174,18 @@ class Recorder:
         if self.totals is not None:
             self.totals["down_total_mb"] += float(round_stats.get("down_mb") or 0.0)
             self.totals["up_total_mb"] += float(round_stats.get("up_mb") or 0.0)
+        train_row = {"round": done, **{k: round_stats.get(k) for k in TRAIN_COLUMNS[1:]}}
+        self.train_rows.append(train_row)
+        if self.writer is not None:
+            self.writer.append_train_row(train_row)
         if not self.evaluation_due(done):
             return None
         extra = dict(extra or {})
         unknown = [k for k in extra if k not in self.extra_columns]
         if unknown:
             raise ValueError(f"metric '{unknown[0]}' is not among the recorder's extra_columns {self.extra_columns}")
-        acc, loss = self.evaluate()
-        row: Row = {"round": done, "accuracy": acc, "loss": loss, **round_stats,
+        acc, loss, hits = self._evaluate()
+        row: Row = {"round": done, "accuracy": acc, "loss": loss, **self._per_client(done, hits), **round_stats,
                     "pool_cosine": None, "client_state_mb": 0.0, **self.algorithm.round_metrics(), **(self.totals or {}),
                     **{c: extra.get(c) for c in self.extra_columns}, "elapsed_s": self.elapsed()}
         self.rows.append(row)
@@ -167,6 +200,7 @@ class Recorder:
         if not self.checkpoint_due(done, force):
             return False
         assert self.writer is not None and self.fingerprint is not None, "start() first"
+        self.writer.sync_train_log()  # its rows up to this round are on disk before the checkpoint that counts them
         save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint,
                         counters=self.totals or {})
         for callback in self.on_checkpoint:
@@ -193,8 +227,21 @@ class Recorder:
             if "final_accuracy" in summary:  # something to draw
                 write_plot({self.cfg.algorithm: self.rows}, self.writer.dir / "accuracy.png", self.title(),
                            key=summary.get("accuracy_from", "accuracy"), legend=False)
+            self.plot_loss()
         close_callbacks(self.on_row)
         return summary
+
+    def plot_loss(self) -> None:
+        """loss.png: the clients' mean training loss of every round and the global model's test loss at
+        each evaluation (rounds where every update was rejected have no training loss, left out)."""
+        assert self.writer is not None
+        curves = {"training loss (clients, every round)": [{"round": r["round"], "loss": r["train_loss"]}
+                                                           for r in self.train_rows],
+                  "test loss (global model, at evaluations)": self.rows}
+        curves = {label: rows for label, rows in curves.items()
+                  if any(v is not None and math.isfinite(float(v)) for v in (r["loss"] for r in rows))}
+        if curves:
+            write_plot(curves, self.writer.dir / "loss.png", self.title(), key="loss")
 
     def title(self) -> str:
         """The plot's title: "fedavg — cnn on cifar10 (dirichlet alpha 0.1, 100 clients)".  An

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from typing import Any
@@ -72,7 +73,8 @@ def _listing(statuses: list[Any], file: str) -> str:
              f"{'prio':<5}{'state':<9}{'rounds':<11}{'cell':<{width}}folder"]
     for s in statuses:
         rounds = f"{s.rounds_done}/{s.cell.cfg.rounds}"
-        lines.append(f"{s.cell.priority:<5}{s.state:<9}{rounds:<11}{s.cell.name:<{width}}{s.folder}")
+        folder = os.path.normpath(s.folder)  # a reused run as docs/results/x, not docs/results/study/../x
+        lines.append(f"{s.cell.priority:<5}{s.state:<9}{rounds:<11}{s.cell.name:<{width}}{folder}")
     return "\n".join(lines)
 
 

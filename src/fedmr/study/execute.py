@@ -32,10 +32,11 @@ class CellResult:
     error: str | None = None
 
 
-def late_mean(rows: list[dict[str, Any]], rounds: int, fraction: float) -> float | None:
-    """Mean test accuracy over the evaluations in the last ``fraction`` of the rounds (401-500 of 500)."""
+def late_mean(rows: list[dict[str, Any]], rounds: int, fraction: float, key: str = "accuracy") -> float | None:
+    """Mean test accuracy (or another column, ``key``; NaN where a row lacks it) over the evaluations in the
+    last ``fraction`` of the rounds (401-500 of 500)."""
     start = rounds - round(rounds * fraction)
-    accs = [float(r["accuracy"]) for r in rows if start < float(r["round"]) <= rounds]
+    accs = [float(r.get(key, "nan")) for r in rows if start < float(r["round"]) <= rounds]
     return sum(accs) / len(accs) if accs else None
 
 

@@ -3,9 +3,10 @@ cell's folder, where it can be committed, so the next sitting, on any machine, r
 
 ``checkpoints/`` is local (git ignores it, and it keeps two checkpoints); ``parked/`` holds exactly
 one: the newest manifest and its tensors, plus ``metrics.csv`` with the rows up to it (what the
-results page shows of a partial cell).  ``fedmr study park FILE`` refreshes it for every unfinished
-cell and removes it from finished ones; ``run_cell`` copies it back into ``checkpoints/`` when the
-folder has none, and the checkpoint's own checks (checksums, fingerprint) decide as for any resume.
+results page shows of a partial cell) and ``train_loss.csv`` with the rounds up to it.
+``fedmr study park FILE`` refreshes it for every unfinished cell and removes it from finished
+ones; ``run_cell`` copies it back into ``checkpoints/`` when the folder has none, and the
+checkpoint's own checks (checksums, fingerprint) decide as for any resume.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..fileio import atomic_write_text
 from ..results import METRIC_COLUMNS, RunWriter
 
 PARKED = "parked"
+TRAIN_LOG = "train_loss.csv"
 
 
 def park(folder: Path, finished: bool) -> str:
@@ -41,7 +43,11 @@ def park(folder: Path, finished: bool) -> str:
     shutil.copy2(ckpt.path.parent / tensors, fresh / tensors)
     shutil.copy2(ckpt.path, fresh / ckpt.path.name)  # the manifest last: it names the tensors
     columns = [*METRIC_COLUMNS, *[k for row in ckpt.rows for k in row if k not in METRIC_COLUMNS]]
-    RunWriter(fresh).write_metrics(ckpt.rows, list(dict.fromkeys(columns)))  # the rows up to the checkpoint
+    writer = RunWriter(fresh)
+    if (folder / TRAIN_LOG).is_file():  # every round's training loss, cut back to the checkpoint's round
+        shutil.copy2(folder / TRAIN_LOG, fresh / TRAIN_LOG)
+        writer.start_train_log(ckpt.rounds_done)
+    writer.write_metrics(ckpt.rows, list(dict.fromkeys(columns)))  # the rows up to the checkpoint
     atomic_write_text(fresh / "README.md", f"The newest checkpoint of this unfinished cell (round {ckpt.rounds_done}), "
                       "kept so that another machine resumes it: `fedmr study run` copies it into checkpoints/.\n")
     shutil.rmtree(parked, ignore_errors=True)
@@ -59,4 +65,6 @@ def unpark(folder: Path) -> int:
     for path in parked.glob("round-*.safetensors"):
         shutil.copy2(path, local / path.name)
     shutil.copy2(manifests[-1], local / manifests[-1].name)
+    if (parked / TRAIN_LOG).is_file():  # the rounds before it (the resume drops any later ones)
+        shutil.copy2(parked / TRAIN_LOG, folder / TRAIN_LOG)
     return int(manifests[-1].stem.split("-")[1])
