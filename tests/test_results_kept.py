@@ -276,7 +276,7 @@ def test_a_stop_in_the_last_round_finishes_the_run_and_says_so(tmp_path, capsys,
 # ---- 4: API wording -----------------------------------------------------------------------------------
 def test_arrays_of_the_wrong_count_are_named_as_arrays_not_a_loader():
     x, y, _, _ = blobs()
-    with pytest.raises(PluginError, match=r"^data=: data= is a 2-tuple, expected \(train_x, train_y, test_x, test_y\)$"):
+    with pytest.raises(PluginError, match=r"^data=: got a 2-tuple, expected \(train_x, train_y, test_x, test_y\)$"):
         fedmr.run(API_SMALL, data=(x, y))
     with pytest.raises(PluginError, match=r"data=: the loader .*_lambda_ returned a 2-tuple"):
         fedmr.run(API_SMALL, data=lambda: (x, y))

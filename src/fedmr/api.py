@@ -95,7 +95,7 @@ def _overrides(cfg: RunConfig, model: ModelArg, data: DataArg) -> tuple[RunConfi
     elif data is not None and not isinstance(data, str):
         names["dataset"] = IN_MEMORY  # config.toml records that the data came from Python
         arrays = data
-        load = lambda: dataset_from_arrays("data=", arrays, "data", given="data= is")  # noqa: E731
+        load = lambda: dataset_from_arrays("data=", arrays, "data", given="got")  # noqa: E731
     return dataclasses.replace(cfg, **names), factory, load
 
 

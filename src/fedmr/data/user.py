@@ -96,7 +96,7 @@ def _labels(key: str, what: str, y: torch.Tensor) -> torch.Tensor:
 def dataset_from_arrays(key: str, arrays: Any, name: str, *, loader: Any = None, given: str = "the loader returned",
                         normalization: Any = None) -> Any:
     """A loader's ``(train_x, train_y, test_x, test_y)`` checked and turned into a DataSet.  ``given``
-    says where the arrays came from in a message ("data= is" for arrays passed to the API);
+    says where the arrays came from in a message ("got" for arrays passed to the API);
     ``normalization``: the pixel normalisation the loader declares (``declared_normalization``)."""
     if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
         got = f"a {len(arrays)}-tuple" if isinstance(arrays, (tuple, list)) else a_noun(type(arrays).__name__)
