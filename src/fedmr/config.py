@@ -461,7 +461,6 @@ def check_loader_options(spec: str, options: Mapping[str, Any]) -> None:
             _check_type(f"{spec}.{name}", options[name], default)
 
 
-
 def warn_unused_sections(cfg: RunConfig, algorithms: Iterable[str]) -> list[str]:
     """Warn once about each algorithm section whose options differ from their defaults although no
     algorithm run uses it (``--set fedprox.mu=0.1`` with ``algorithm = "fedmr"``): the user may
