@@ -432,3 +432,19 @@ def test_sites_keep_their_client_ids_when_supernodes_restart_with_new_node_ids()
     assert [s[1] for s in first] == [s[1] for s in restarted] == [held[1], held[3], held[0], held[2]]
     # only sites holding exactly the same are told apart by node id
     assert [n for n, _ in site_order({8: held[0], 2: dict(held[0])})] == [2, 8]
+
+
+def test_a_plugin_the_superlink_cannot_import_names_the_superlinks_environment():
+    """The ServerApp imports plug-ins in the SuperLink's environment, which for a managed local SuperLink
+    is that of the first `flwr run`: the error says so, and how to restart it (docs/flower.md)."""
+    from fedmr.config import load_config
+    from fedmr.errors import ConfigError, PluginError
+    from fedmr.flower.server_app import in_flower
+
+    with pytest.raises(PluginError) as caught:
+        load_config(None, ["model=\"not_on_the_path_anywhere:mlp\""])
+    message = str(in_flower(caught.value))
+    assert message.startswith("config key 'model': cannot import module 'not_on_the_path_anywhere'; is it on PYTHONPATH?")
+    assert "SuperLink's environment" in message and "pgrep -af flower-superlink" in message
+    other = ConfigError("config key 'rounds' must be at least 1, got 0")
+    assert in_flower(other) is other

@@ -104,3 +104,103 @@ def test_sites_that_cannot_take_part_get_one_clear_line(exported, tmp_path):
 def test_partition_needs_out_or_export(capsys):
     assert main(["partition", "--set", "num_clients=3", "--set", "clients_per_round=3"]) == 2
     assert "needs --out FILE.json, --export DIR or both" in capsys.readouterr().err
+
+
+USER_LOADERS = '''
+import numpy as np
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3
+    x = rng.integers(0, 256, (60, 1, 8, 8)).astype("float32") / 255  # pixels in [0, 1]
+    return x, y, x[:15], y[:15]
+
+
+def declared():
+    return _images()
+
+
+declared.normalization = "none"  # the samples are the pixels in [0, 1] themselves
+
+
+def declared_stats():
+    x, y, vx, vy = _images()
+    return (x - 0.25) / 0.5, y, (vx - 0.25) / 0.5, vy
+
+
+declared_stats.normalization = ((0.25,), (0.5,))  # x = (pixel - mean) / std
+
+
+def undeclared():
+    return _images()
+
+
+def tabular():
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype("float32")
+    y = np.arange(60) % 3
+    return x, y, x[:15], y[:15]
+'''
+
+
+@pytest.fixture
+def user_loaders(tmp_path, monkeypatch):
+    import os
+
+    name = f"fedmr_export_loaders_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(USER_LOADERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+@pytest.mark.parametrize("loader, normalization", [("declared", "none"), ("declared_stats", None)])
+def test_a_user_loader_declares_its_pixel_normalization_and_exports(user_loaders, loader, normalization, tmp_path,
+                                                                    capsys):
+    """``loader.normalization``: a name ("none") or (mean, std); the PNGs hold the same 8-bit pixels."""
+    out = tmp_path / "sites"
+    argv = ["partition", "--set", f"dataset=\"{user_loaders}:{loader}\"", "--set", "num_clients=2", "--set",
+            "partition=\"iid\"", "--export", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "partition.json").read_text())
+    assert doc["normalization"] == normalization
+    import importlib
+
+    from PIL import Image
+
+    x, y, _, _ = importlib.import_module(user_loaders)._images()
+    first = sorted((out / "client-000" / "train").glob("*/*.png"))[0]
+    index = int(first.stem)
+    assert np.array_equal(np.asarray(Image.open(first)), np.round(x[index, 0] * 255).astype(np.uint8))
+    assert "wrote 2 client folders" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loader, message", [
+    ("undeclared", "does not say how its pixels were normalised, so its images cannot be written back as PNGs; a "
+                   "loader declares it as an attribute, e.g. loader.normalization = \"none\""),
+    ("tabular", "has samples of shape (5,), not images (C, H, W): --export writes each client's samples as PNG "
+                "images; for other data use --out partition.json"),
+])
+def test_an_undeclared_or_tabular_user_data_set_gets_a_message_that_says_what_to_do(user_loaders, loader, message,
+                                                                                    tmp_path, capsys):
+    argv = ["partition", "--set", f"dataset=\"{user_loaders}:{loader}\"", "--set", "num_clients=2", "--set",
+            "partition=\"iid\"", "--export", str(tmp_path / "sites")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("fedmr: error:") == 1, err
+
+
+def test_a_bad_normalization_declaration_is_refused(user_loaders):
+    import importlib
+
+    from fedmr.errors import PluginError
+
+    mod = importlib.import_module(user_loaders)
+    mod.undeclared.normalization = "sepia"
+    try:
+        with pytest.raises(PluginError, match="normalization = 'sepia' is none of"):
+            load_dataset(load_config(None, [f"dataset=\"{user_loaders}:undeclared\""], uses="data"))
+        mod.undeclared.normalization = ((0.5, 0.5), (0.5, 0.5))
+        with pytest.raises(PluginError, match="needs 1 values each"):
+            load_dataset(load_config(None, [f"dataset=\"{user_loaders}:undeclared\""], uses="data"))
+    finally:
+        del mod.undeclared.normalization

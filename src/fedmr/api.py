@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from .callbacks import Callback, check_callbacks
-from .config import RunConfig, default_config, load_config, merge, validate
+from .config import RunConfig, default_config, load_config, merge, validate, warn_unused_sections
 from .data import IN_MEMORY, Arrays
 from .errors import ConfigError
 from .imports import describe
@@ -23,6 +24,8 @@ from .imports import describe
 Config = Mapping[str, Any] | str | Path | None
 ModelArg = Callable[..., torch.nn.Module] | str | None
 DataArg = Arrays | Callable[[], Arrays] | str | None
+
+log = logging.getLogger("fedmr")
 
 
 @dataclass
@@ -62,9 +65,11 @@ def _config(config: Config) -> RunConfig:
     return validate(merge(default_config(), copy.deepcopy(given)))
 
 
-def _overrides(cfg: RunConfig, model: ModelArg, data: DataArg) -> tuple[RunConfig, Any, Any]:
-    """(config, model factory or None, DataSet or None) for prepare(); a string sets the config key
-    instead.  config.toml records a factory or loader by its import string ("module:function")."""
+def _overrides(cfg: RunConfig, model: ModelArg, data: DataArg) -> tuple[RunConfig, Any, Callable[[], Any]]:
+    """(config, model factory or None, a function giving the DataSet or None) for prepare(); a string
+    sets the config key instead.  config.toml records a factory or loader by its import string
+    ("module:function").  The data are loaded only when that function is called: after the checks
+    that need no data (the results folder, a resume)."""
     from .data import DataSet, dataset_from_arrays
 
     if isinstance(model, str):
@@ -75,16 +80,35 @@ def _overrides(cfg: RunConfig, model: ModelArg, data: DataArg) -> tuple[RunConfi
     names: dict[str, Any] = {}  # what config.toml records for objects given here (not checked again: they are given)
     if factory is not None:
         names["model"] = describe(factory)
-    dataset = None
+        _warn_unnamed("model", factory)
+    load: Callable[[], Any] = lambda: None  # noqa: E731 - the config's own data set
     if isinstance(data, DataSet):  # already checked (e.g. fedmr.data.load_dataset's result)
-        names["dataset"], dataset = data.name if ":" not in data.name else IN_MEMORY, data
+        names["dataset"] = data.name if ":" not in data.name else IN_MEMORY
+        load = lambda: data  # noqa: E731
     elif callable(data):
         names["dataset"] = describe(data)
-        dataset = dataset_from_arrays("data", _call_loader(data), getattr(data, "__name__", "data"))
+        _warn_unnamed("data", data)
+        loader = data
+        load = lambda: dataset_from_arrays(  # noqa: E731
+            "data=", _call_loader(loader), getattr(loader, "__name__", "data"), loader=loader,
+            given=f"the loader {describe(loader)} returned")
     elif data is not None and not isinstance(data, str):
         names["dataset"] = IN_MEMORY  # config.toml records that the data came from Python
-        dataset = dataset_from_arrays("data", data, "data")
-    return dataclasses.replace(cfg, **names), factory, dataset
+        arrays = data
+        load = lambda: dataset_from_arrays("data=", arrays, "data", given="got")  # noqa: E731
+    return dataclasses.replace(cfg, **names), factory, load
+
+
+def _warn_unnamed(argument: str, obj: Any) -> None:
+    """A lambda or a function defined inside another has no import string: the run works, but its
+    config.toml cannot name the object, so no ``fedmr run --resume`` (a new process) can rebuild it."""
+    name = getattr(obj, "__qualname__", "")
+    if "<" in name or not getattr(obj, "__module__", None):
+        log.warning("%s=%s is %s, which has no import string: config.toml records it as %r, which names nothing, "
+                    "so the run cannot be resumed or repeated from its folder by fedmr run --resume (only by "
+                    "fedmr.run(..., resume=True) with the same object); define it at the top level of a module",
+                    argument, name or type(obj).__name__, "a lambda" if "<lambda>" in name else "a nested function",
+                    describe(obj))
 
 
 def _call_loader(loader: Callable[[], Any]) -> Any:
@@ -127,17 +151,18 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
         fedmr.FedMRError: a bad config, plug-in or data set (the CLI's one-line errors).
     """
     from .engine.experiment import prepare
-    from .engine.simulator import Simulation, check_output_folder
+    from .engine.output import claimed_output
+    from .engine.simulator import Simulation
 
     if resume and out is None:
         raise ConfigError("resume=True continues the run in a results folder: give out=")
     cfg = _config(config)
-    if out is not None:
-        check_output_folder(out, resume)
-    cfg, factory, dataset = _overrides(cfg, model, data)
-    exp = prepare(cfg, data=dataset, model=factory)
-    outcome = Simulation(exp, out_dir=out, progress=_progress(progress), on_row=_checked(callbacks),
-                         resume=resume).run()
+    cfg, factory, load = _overrides(cfg, model, data)
+    warn_unused_sections(cfg, [cfg.algorithm])
+    checked = _checked(callbacks)
+    with claimed_output(out, cfg, resume=resume):
+        exp = prepare(cfg, data=load(), model=factory)
+        outcome = Simulation(exp, out_dir=out, progress=_progress(progress), on_row=checked, resume=resume).run()
     return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir)
 
 
@@ -177,17 +202,18 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
     from safetensors.torch import load_file
 
     from .config import read_toml
-    from .engine.compare import run_comparison, variant_folder
+    from .engine.compare import parse_variant, run_comparison, variant_folder
 
     if resume and out is None:
         raise ConfigError("resume=True continues the comparison in its folder: give out=")
     cfg = _config(config)
-    cfg, factory, dataset = _overrides(cfg, model, data)
+    cfg, factory, load = _overrides(cfg, model, data)
     specs = [describe(a) if isinstance(a, type) else str(a).strip() for a in algorithms]
     specs = [s for s in specs if s]
     if not specs:
         raise ConfigError("compare needs at least one algorithm")
     checked = _checked(callbacks)
+    warn_unused_sections(cfg, [parse_variant(spec)[0] for spec in specs])
 
     def on_row(spec: str, row: dict[str, Any]) -> None:
         for cb in checked:
@@ -195,7 +221,7 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
 
     with tempfile.TemporaryDirectory(prefix="fedmr-compare-") as scratch:
         folder = Path(out) if out is not None else Path(scratch)  # a folder even so: the final states are read back
-        outcome = run_comparison(cfg, specs, folder, _progress(progress), resume=resume, data=dataset,
+        outcome = run_comparison(cfg, specs, folder, _progress(progress), resume=resume, data=load,
                                  model=factory, on_row=on_row)
         results = {}
         for spec in specs:

@@ -22,8 +22,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("tensorboard = true needs the optional tensorboard package: "
-                              "pip install 'fedmr[tensorboard]' (or set tensorboard = false)") from None
+            raise ConfigError(TENSORBOARD_MISSING) from None
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
 
@@ -45,13 +44,29 @@ def check_callbacks(callbacks: Sequence[Any]) -> list[Callback]:
     return list(callbacks)
 
 
+TENSORBOARD_MISSING = ("tensorboard = true needs the optional tensorboard package: "
+                       "pip install 'fedmr[tensorboard]' (or set tensorboard = false)")
+
+
+def check_tensorboard(tensorboard: bool, out_dir: str | Path | None) -> None:
+    """Before any data are loaded: ``tensorboard = true`` has its package and a results folder to write to."""
+    if not tensorboard:
+        return
+    if out_dir is None:
+        raise ConfigError(
+            "tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(TENSORBOARD_MISSING)
+
+
 def run_callbacks(tensorboard: bool, out_dir: Path | None, callbacks: Sequence[Callback] = ()) -> list[Callback]:
     """The user's callbacks plus the built-in ones the config asks for (``tensorboard = true``)."""
     chosen = check_callbacks(callbacks)
+    check_tensorboard(tensorboard, out_dir)
     if tensorboard:
-        if out_dir is None:
-            raise ConfigError(
-                "tensorboard = true writes its log into the results folder; give one (--out DIR, or out= in the API)")
+        assert out_dir is not None
         chosen.append(TensorBoardLog(Path(out_dir) / TENSORBOARD_DIR))
     return chosen
 

@@ -8,15 +8,15 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import algorithm_help, load_config, settings_help
+from .config import algorithm_help, load_config, settings_help, warn_unused_sections
 from .errors import ConfigError, FedMRError
-from .results import default_run_dir
 
 DEMO_SETTINGS = [
     "dataset=\"digits\"", "num_clients=20", "clients_per_round=5", "rounds=150", "eval_every=5",
@@ -95,7 +95,15 @@ def _add_data_commands(sub: Any) -> None:
 
 
 def _progress(args: argparse.Namespace) -> str:
-    return "log" if args.quiet else "bar"
+    """A progress bar where someone watches (stderr is a terminal), else log lines (as --quiet): a
+    log file gets no carriage-return bars."""
+    return "log" if args.quiet or not sys.stderr.isatty() else "bar"
+
+
+def _late_stop(signum: int, what: str) -> None:
+    if signum:
+        print(f"fedmr: {signal.Signals(signum).name} came in the last round, so {what} was finished rather than "
+              "stopped: its results are complete", file=sys.stderr)
 
 
 def _assignments(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[str]:
@@ -117,6 +125,7 @@ def resume_command(command: str, out: Path, cfg: Mapping[str, Any], specs: Seque
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.output import new_run_folder
     from .engine.simulator import resumed_config, run_experiment
 
     assignments = _assignments(args)
@@ -127,12 +136,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = resumed_config(out, assignments)
     else:
         cfg = load_config(args.config, assignments)
-        out = Path(args.out) if args.out else default_run_dir(cfg.algorithm, cfg.dataset)
-    outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume))
+        warn_unused_sections(cfg, [cfg.algorithm])
+        out = Path(args.out) if args.out else new_run_folder(cfg.algorithm, cfg.dataset)
+    outcome = run_experiment(cfg, out, _progress(args), resume=bool(args.resume), fresh=not (args.out or args.resume))
     if outcome.stopped_after is not None:
         print(f"fedmr: stopped after round {outcome.stopped_after} of {cfg.rounds}; checkpoint saved in "
               f"{out / 'checkpoints'}\nresume with: {resume_command('run', out, cfg)}", file=sys.stderr)
         return 128 + outcome.stop_signal
+    _late_stop(outcome.late_signal, "the run")
     s = outcome.summary
     print(f"{cfg.algorithm}: final accuracy {s['final_accuracy']:.4f}, best {s['best_accuracy']:.4f} "
           f"(round {s['best_round']}), {s['wall_seconds']:.1f}s -> {out}")
@@ -140,7 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
-    from .engine.compare import resumed_comparison, run_comparison
+    from .engine.compare import parse_variant, resumed_comparison, run_comparison
+    from .engine.output import new_run_folder
     from .results import comparison_table
 
     assignments = _assignments(args, extra)
@@ -158,12 +170,14 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
         specs = [s.strip() for s in args.algorithms.split(",") if s.strip()]
         if not specs:
             raise ConfigError("--algorithms is empty")
-        out = Path(args.out) if args.out else default_run_dir("compare", cfg.dataset)
-    outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume))
+        warn_unused_sections(cfg, [parse_variant(spec)[0] for spec in specs])
+        out = Path(args.out) if args.out else new_run_folder(*getattr(args, "default_folder", ("compare", cfg.dataset)))
+    outcome = run_comparison(cfg, specs, out, _progress(args), resume=bool(resume), fresh=not (args.out or resume))
     if outcome.stop_signal:
         print(f"fedmr: comparison stopped; every run so far is saved in {out}\n"
               f"resume with: {resume_command('compare', out, cfg, specs)}", file=sys.stderr)
         return 128 + outcome.stop_signal
+    _late_stop(outcome.late_signal, "the comparison")
     print(comparison_table(outcome.summaries), end="")
     print(f"table: {out / 'comparison.md'}\nplot:  {out / 'accuracy.png'}")
     return 0
@@ -171,7 +185,7 @@ def cmd_compare(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     args.algorithms = "fedavg,fedmr"
-    args.out = args.out or str(default_run_dir("demo"))
+    args.default_folder = ("demo",)  # runs/demo-<time>
     return cmd_compare(args, DEMO_SETTINGS)
 
 

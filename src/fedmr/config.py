@@ -67,6 +67,8 @@ class RunConfig(Mapping[str, Any]):
                              "partition")
     alpha: float = setting(0.1, "Dirichlet concentration (smaller: more skewed labels)", "partition")
     partition_file: str = setting("", "a partition JSON (fedmr partition --out) for partition = \"file\"", "partition")
+    partition_file_check: bool = setting(
+        True, "refuse a partition_file that leaves training samples out or names another data set", "partition")
     seed: int = setting(1, "seed of the partition, the initial model and every random draw", "partition")
     eval_every: int = setting(10, "rounds between evaluations of the global model")
     test_batch_size: int = setting(1000, "batch size of evaluation")
@@ -78,6 +80,8 @@ class RunConfig(Mapping[str, Any]):
     client_timeout: float = setting(0.0, "seconds a client may train before it is dropped for the round; 0 = no limit")
     max_update_norm: float = setting(0.0, "reject client updates whose norm exceeds this; 0 = off")
     dropout_rate: float = setting(0.0, "fraction of the selected clients that fail each round (seeded)")
+    max_rounds_without_update: int = setting(
+        5, "stop with an error after this many rounds in a row with no client update accepted; 0 = never")
     checkpoint_every: int = setting(0, "rounds between checkpoints; 0 = at every evaluation")
     precision: str = setting("fp32", "fp32, or bf16: mixed precision in local training (bf16 autocast; weights, optimizer "
                              "state, BatchNorm statistics and everything the server sees stay fp32)")
@@ -386,6 +390,13 @@ def _check_ranges(c: RunConfig, used: set[str]) -> None:
 def _check_training_ranges(c: RunConfig) -> None:
     if not 0 <= c.dropout_rate < 1:
         raise ConfigError(f"config key 'dropout_rate' must be in [0, 1), got {c.dropout_rate}")
+    if math.floor(c.dropout_rate * c.clients_per_round + 0.5) >= c.clients_per_round:  # the count dropped_clients() drops
+        raise ConfigError(f"dropout_rate = {c.dropout_rate:g} drops round({c.dropout_rate:g} x {c.clients_per_round}) = "
+                          f"all {c.clients_per_round} clients selected each round, so none would train; with "
+                          f"clients_per_round = {c.clients_per_round} it must be below {1 - 0.5 / c.clients_per_round:g}")
+    if c.max_rounds_without_update < 0:
+        raise ConfigError(f"config key 'max_rounds_without_update' must be 0 (never stop) or positive, "
+                          f"got {c.max_rounds_without_update}")
     if c.max_update_norm < 0:
         raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {c.max_update_norm}")
     if c.checkpoint_every < 0:
@@ -479,3 +490,29 @@ def check_loader_options(spec: str, options: Mapping[str, Any]) -> None:
         if name in options:
             _check_type(f"{spec}.{name}", options[name], default)
 
+
+def warn_unused_sections(cfg: RunConfig, algorithms: Iterable[str]) -> list[str]:
+    """Warn once about each algorithm section whose options differ from their defaults although no
+    algorithm run uses it (``--set fedprox.mu=0.1`` with ``algorithm = "fedmr"``): the user may
+    have meant another algorithm.  Sections at their defaults (config.toml records every one) are
+    not mentioned.  Returns the sections warned about."""
+    import logging
+
+    from .algorithms import algorithm_defaults
+
+    run = set(algorithms)
+    builtin = algorithm_sections()
+    unused = []
+    for name, options in cfg.sections.items():
+        if name in run or (is_import_string(name) and is_loader_section(name)):
+            continue
+        defaults = builtin[name] if name in builtin else algorithm_defaults(name, f"[{name}]")
+        changed = {k: v for k, v in options.items() if defaults.get(k) != v}
+        if changed:
+            unused.append(name)
+            given = ", ".join(f"{name}.{k} = {tomli_w.dumps({'v': v})[4:].strip()}" for k, v in changed.items())
+            running = ", ".join(sorted(run))
+            logging.getLogger("fedmr").warning(
+                "%s has no effect: it is an option of algorithm %s, which this run does not use (it runs %s)",
+                given, name, running)
+    return unused

@@ -25,6 +25,10 @@ class CheckpointError(FedMRError):
     """A checkpoint that is missing, corrupt or does not match the run."""
 
 
+class TrainingError(FedMRError):
+    """A run that has stopped learning: no client update accepted for several rounds in a row."""
+
+
 class PluginError(ConfigError):
     """A user model, data set or algorithm named by import string that cannot be used as one."""
 

@@ -54,10 +54,16 @@ def local_test_parts(parts: Partition, train_y: np.ndarray, test_y: np.ndarray, 
 
 def to_pixels(x: torch.Tensor, data: DataSet) -> np.ndarray:
     """Normalised (N, C, H, W) tensors back to (N, H, W, C) uint8 (8-bit: finer steps are rounded)."""
+    if x.dim() != 4:
+        raise DataError(f"data set '{data.name}' has samples of shape {tuple(x.shape[1:])}, not images (C, H, W): "
+                        "--export writes each client's samples as PNG images; for other data use --out "
+                        "partition.json (the clients' sample indices)")
+    if x.shape[1] not in (1, 3):
+        raise DataError(f"data set '{data.name}' has images of {x.shape[1]} channels; PNG needs 1 or 3")
     if data.normalization is None:
-        raise DataError(f"data set '{data.name}' does not say how its pixels were normalised; cannot write images")
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise DataError(f"data set '{data.name}' has samples of shape {tuple(x.shape[1:])}; PNG needs 1 or 3 channels")
+        raise DataError(f"data set '{data.name}' does not say how its pixels were normalised, so its images cannot "
+                        "be written back as PNGs; a loader declares it as an attribute, e.g. loader.normalization = "
+                        "\"none\" (samples are pixels in [0, 1]) or ((mean, ...), (std, ...)) (docs/api.md)")
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in data.normalization)
     pixels = ((x.float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous().numpy()

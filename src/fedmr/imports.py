@@ -40,7 +40,10 @@ def split_key(key: str) -> list[str]:
 
 
 def where(key: str) -> str:
-    """How a message names the place: "config key 'model'", or "config section 'pkg.mod:Algo'" for "[pkg.mod:Algo]"."""
+    """How a message names the place: "config key 'model'", "config section 'pkg.mod:Algo'" for
+    "[pkg.mod:Algo]", or an API argument as itself ("data=")."""
+    if key.endswith("="):
+        return key
     return f"config section '{key[1:-1]}'" if key.startswith("[") else f"config key '{key}'"
 
 

@@ -280,7 +280,11 @@ def build_user_model(key: str, factory: Callable[..., Any], num_classes: int, in
 
 def check_model_output(key: str, model: nn.Module, sample: torch.Tensor, num_classes: int, label: str) -> None:
     """One forward pass on a batch of two samples (eval mode, no gradients): the output must be
-    (batch, num_classes) logits.  Run once, before round 1, so a bad model fails in a second."""
+    (batch, num_classes) logits, and the model must have parameters to train.  Run once, before
+    round 1, so a bad model fails in a second."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise PluginError(f"{where(key)}: {label} has no trainable parameters (none with requires_grad), so local "
+                          "training would have nothing to update")
     was_training = model.training
     model.eval()
     try:

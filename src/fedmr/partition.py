@@ -8,14 +8,17 @@ ours load in their code.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 from .errors import PartitionError
+
+log = logging.getLogger("fedmr")
 
 Partition = list[list[int]]
 
@@ -33,19 +36,30 @@ class PartitionSpec:
     seed: int
     partition_file: str = ""
     dataset: str = ""
+    partition_file_check: bool = True
 
     @classmethod
     def of(cls, cfg: PartitionSpec | Mapping[str, Any]) -> PartitionSpec:
         """From a run config (or any mapping of its keys)."""
         # cast: mypy does not narrow on isinstance(cfg, cls); not a PartitionSpec there, so a mapping
-        return cfg if isinstance(cfg, cls) else cls(**{f.name: cast(Mapping[str, Any], cfg)[f.name] for f in fields(cls)})
+        if isinstance(cfg, cls):
+            return cfg
+        mapping = cast(Mapping[str, Any], cfg)
+        return cls(**{f.name: mapping[f.name] for f in fields(cls) if f.name in mapping or f.default is MISSING})
 
 
-def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator) -> Partition:
+def _fewer_clients(count: int, clients_per_round: int | None) -> str:
+    """``--set num_clients=N``, and the clients_per_round that then fits (a run selects at most N)."""
+    fits = f" --set clients_per_round={count}" if clients_per_round is not None and clients_per_round > count else ""
+    return f"--set num_clients={count}{fits}"
+
+
+def iid_partition(num_samples: int, num_clients: int, rng: np.random.Generator,
+                  clients_per_round: int | None = None) -> Partition:
     """Shuffle and deal out equal shares (sizes differ by at most one)."""
     if num_samples < num_clients:
         raise PartitionError(f"data set too small: {num_samples} training samples for {num_clients} clients "
-                             f"(it supports at most {num_samples}: --set num_clients={num_samples})")
+                             f"(it supports at most {num_samples}: {_fewer_clients(num_samples, clients_per_round)})")
     order = rng.permutation(num_samples)
     return [part.tolist() for part in np.array_split(order, num_clients)]
 
@@ -144,8 +158,13 @@ def save_partition(path: str | Path, parts: Partition, *, dataset: str, kind: st
     Path(path).write_text(json.dumps(to_json(parts, dataset=dataset, kind=kind, alpha=alpha)))
 
 
-def load_partition(path: str | Path, num_samples: int, num_clients: int | None = None) -> Partition:
-    """Read and check a partition file (ours or the authors'); never evaluated, only parsed."""
+def load_partition(path: str | Path, num_samples: int, num_clients: int | None = None, *,
+                   dataset: str | None = None, strict: bool = True) -> Partition:
+    """Read and check a partition file (ours or the authors'); never evaluated, only parsed.  With
+    ``dataset`` (the run's) the file must also cover all ``num_samples`` training samples and, where
+    it records one, name that data set: a file written for another data set would otherwise train on
+    part of this one without a word.  ``strict`` False (``partition_file_check = false``) makes
+    that a warning."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
@@ -171,18 +190,37 @@ def load_partition(path: str | Path, num_samples: int, num_clients: int | None =
         raise PartitionError(f"partition file {path}: num_users is {declared} but train_data has {len(ids)} clients")
     if num_clients is not None and len(ids) != num_clients:
         raise PartitionError(f"partition file {path} has {len(ids)} clients but num_clients is {num_clients}")
-    return check_partition([data[str(i)] for i in ids], num_samples, f"partition file {path}")
+    parts = check_partition([data[str(i)] for i in ids], num_samples, f"partition file {path}")
+    problem = _foreign(doc.get("dataset"), sum(len(p) for p in parts), dataset, num_samples) if dataset else None
+    if problem and strict:
+        raise PartitionError(f"partition file {path} {problem}; if it is meant for this data set, set "
+                             "partition_file_check = false")
+    if problem:
+        log.warning("partition file %s %s; used all the same (partition_file_check = false)", path, problem)
+    return parts
 
 
-def make_partition(cfg: PartitionSpec | Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None) -> Partition:
-    """The partition a config asks for, drawn from the run's seed."""
+def _foreign(recorded: Any, covered: int, dataset: str, num_samples: int) -> str | None:
+    """Why a partition file looks written for another data set than this run's, or None."""
+    if isinstance(recorded, str) and recorded and recorded != dataset:
+        return f"was written for data set '{recorded}', this run's is '{dataset}'"
+    if covered != num_samples:
+        return (f"gives its clients {covered} samples, but the training set holds {num_samples} (a partition "
+                f"of another data set, or one that leaves samples out)")
+    return None
+
+
+def make_partition(cfg: PartitionSpec | Mapping[str, Any], labels: np.ndarray, natural: Partition | None = None, *,
+                   clients_per_round: int | None = None) -> Partition:
+    """The partition a config asks for, drawn from the run's seed.  ``clients_per_round`` (a run's):
+    a suggestion of fewer clients for a data set too small also brings it down to fit."""
     from .seeding import numpy_rng
 
     spec = PartitionSpec.of(cfg)
     kind, n = spec.partition, spec.num_clients
     rng = numpy_rng(spec.seed, "partition")
     if kind == "iid":
-        return iid_partition(len(labels), n, rng)
+        return iid_partition(len(labels), n, rng, clients_per_round)
     if kind == "dirichlet":
         try:
             return dirichlet_partition(labels, n, spec.alpha, rng)
@@ -191,10 +229,11 @@ def make_partition(cfg: PartitionSpec | Mapping[str, Any], labels: np.ndarray, n
             if not best:
                 raise
             what = str(exc).split("; use fewer")[0]
-            raise PartitionError(f"{what}; with this seed it supports --set num_clients={best} "
+            raise PartitionError(f"{what}; with this seed it supports {_fewer_clients(best, clients_per_round)} "
                                  f"(or use a larger alpha)") from None
     if kind == "file":
-        return load_partition(spec.partition_file, len(labels), n)
+        return load_partition(spec.partition_file, len(labels), n, dataset=spec.dataset,
+                              strict=spec.partition_file_check)
     if kind == "natural":
         if natural is None:
             raise PartitionError(f"data set '{spec.dataset}' has no natural (per-writer) split")

@@ -78,11 +78,22 @@ def check_trainable(data: DataSet) -> list[str]:
     if data.train_x.shape[1:] != data.test_x.shape[1:]:
         raise DataError(f"{where}: train and test samples differ in shape: {tuple(data.train_x.shape[1:])} vs "
                         f"{tuple(data.test_x.shape[1:])}")
+    for split, x in (("train_x", data.train_x), ("test_x", data.test_x)):
+        bad = non_finite(x)
+        if bad:
+            raise DataError(f"{where}: {split} holds {bad} non-finite value{'s' if bad != 1 else ''} (NaN or inf); "
+                            "no model trains on them: clean or drop those samples first")
     train = torch.bincount(data.train_y.cpu(), minlength=data.num_classes)[: data.num_classes]
     test = torch.bincount(data.test_y.cpu(), minlength=data.num_classes)[: data.num_classes]
     present = int((train > 0).sum())
     if present < 2:
         raise DataError(f"{where}: the training set holds only {present} class; a classifier needs at least two")
+    seen = int(((train + test) > 0).sum())
+    absent = data.num_classes - seen
+    if absent > MAX_ABSENT_CLASSES and absent > ABSENT_CLASSES_RATIO * seen:
+        largest = int(torch.cat([data.train_y, data.test_y]).max())
+        raise DataError(f"{where}: the labels run to {largest}, so the model would have {data.num_classes} outputs, "
+                        f"but only {seen} classes have samples ({absent} have none); number the classes 0..{seen - 1}")
     warnings = []
     empty = [c for c in range(data.num_classes) if train[c] == 0]
     test_only = [c for c in empty if test[c] > 0]
@@ -96,6 +107,20 @@ def check_trainable(data: DataSet) -> list[str]:
         warnings.append(f"{where}: {_classes(test_only, data)} samples in the test set only ({count} test "
                         f"sample{'s' if count != 1 else ''}): no client can learn {'it' if len(test_only) == 1 else 'them'}")
     return warnings
+
+
+# Labels whose classes mostly have no sample (one label 999999 among 0..9) are refused: more than this
+# many classes without a sample, and more than ABSENT_CLASSES_RATIO times as many as have one.
+MAX_ABSENT_CLASSES = 1000
+ABSENT_CLASSES_RATIO = 10
+
+
+def non_finite(x: torch.Tensor, rows: int = 4096) -> int:
+    """How many values of ``x`` are NaN or infinite (0 for integer data), counted a block of rows at a
+    time, so a large data set needs no second copy of itself."""
+    if not x.is_floating_point():
+        return 0
+    return sum(int((~torch.isfinite(x[i:i + rows])).sum()) for i in range(0, x.shape[0], rows))
 
 
 def _classes(indices: list[int], data: DataSet) -> str:

@@ -93,11 +93,14 @@ def _labels(key: str, what: str, y: torch.Tensor) -> torch.Tensor:
     return y.long()
 
 
-def dataset_from_arrays(key: str, arrays: Any, name: str) -> Any:
-    """A loader's ``(train_x, train_y, test_x, test_y)`` checked and turned into a DataSet."""
+def dataset_from_arrays(key: str, arrays: Any, name: str, *, loader: Any = None, given: str = "the loader returned",
+                        normalization: Any = None) -> Any:
+    """A loader's ``(train_x, train_y, test_x, test_y)`` checked and turned into a DataSet.  ``given``
+    says where the arrays came from in a message ("got" for arrays passed to the API);
+    ``normalization``: the pixel normalisation the loader declares (``declared_normalization``)."""
     if not isinstance(arrays, (tuple, list)) or len(arrays) != 4:
         got = f"a {len(arrays)}-tuple" if isinstance(arrays, (tuple, list)) else a_noun(type(arrays).__name__)
-        raise PluginError(f"{where(key)}: the loader returned {got}, expected (train_x, train_y, test_x, test_y)")
+        raise PluginError(f"{where(key)}: {given} {got}, expected (train_x, train_y, test_x, test_y)")
     names = ("train_x", "train_y", "test_x", "test_y")
     tx, ty, vx, vy = (_tensor(key, n, a) for n, a in zip(names, arrays))
     tx, vx = _features(key, "train_x", tx), _features(key, "test_x", vx)
@@ -121,7 +124,45 @@ def dataset_from_arrays(key: str, arrays: Any, name: str) -> Any:
         raise PluginError(f"{where(key)}: the labels name only one class; a classifier needs at least two")
     shape = tuple(int(s) for s in tx.shape[1:])
     default = auto_model("cnn", shape) if tx.is_floating_point() else "mlp"
-    return DataSet(name, tx, ty, vx, vy, num_classes, [str(c) for c in range(num_classes)], default_model=default)
+    affine = declared_normalization(key, loader, shape) if loader is not None else None
+    return DataSet(name, tx, ty, vx, vy, num_classes, [str(c) for c in range(num_classes)], default_model=default,
+                   normalization=affine)
+
+
+NORMALIZATION_ATTRIBUTE = "normalization"
+
+
+def declared_normalization(key: str, loader: Any, shape: tuple[int, ...]) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """How a loader says its image samples were made from pixels in [0, 1]: an attribute
+    ``loader.normalization``, a name of the config's ``normalization`` choices ("none": the pixels
+    themselves, "cifar10": (x - 0.5) / 0.5, ...) or a pair ``(mean, std)`` of per-channel
+    sequences (x = (pixel - mean) / std).  What ``fedmr partition --export`` needs to write the
+    samples back as PNGs; None when the loader declares nothing."""
+    from .normalization import NORMALIZATIONS, resolve
+
+    declared = getattr(loader, NORMALIZATION_ATTRIBUTE, None)
+    if declared is None:
+        return None
+    if len(shape) != 3:
+        raise PluginError(f"{where(key)}: the loader declares a pixel normalization, but its samples have shape "
+                          f"{shape}, not images (C, H, W)")
+    channels = shape[0]
+    if isinstance(declared, str):
+        if declared not in NORMALIZATIONS:
+            raise PluginError(f"{where(key)}: the loader's normalization = {declared!r} is none of "
+                              f"{', '.join(NORMALIZATIONS)} (or give (mean, std) per channel)")
+        return resolve(declared, declared, channels)
+    try:
+        mean, std = (tuple(float(v) for v in part) for part in declared)
+    except (TypeError, ValueError):
+        raise PluginError(f"{where(key)}: the loader's normalization must be a name ({', '.join(NORMALIZATIONS)}) "
+                          f"or (mean, std), two sequences of one number per channel; got {declared!r}") from None
+    if len(mean) == 1 and len(std) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels or not all(s != 0 for s in std):
+        raise PluginError(f"{where(key)}: the loader's normalization (mean, std) needs {channels} values each and "
+                          f"no zero std, got {declared!r}")
+    return mean, std
 
 
 def load_user_dataset(spec: str, key: str = "dataset", source: DataSource | None = None) -> Any:
@@ -133,4 +174,4 @@ def load_user_dataset(spec: str, key: str = "dataset", source: DataSource | None
         raise
     except Exception as exc:  # noqa: BLE001 - the user's loader failed
         raise PluginError(f"{where(key)}: the loader '{spec}' raised {first_line(exc)}") from None
-    return dataset_from_arrays(key, arrays, spec.rpartition(":")[2])
+    return dataset_from_arrays(key, arrays, spec.rpartition(":")[2], loader=loader)

@@ -51,7 +51,8 @@ TEST_DELAY_ENV = "FEDMR_TEST_CHECKPOINT_DELAY"
 # long, where and how it computes, which cache and logging it uses.  A key added in a later release
 # belongs here when it cannot change results, or older checkpoints (which lack it) refuse to resume.
 RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "vectorize_memory_gb", "data_dir",
-                               "checkpoint_every", "client_timeout", "cache_dir", "tensorboard"})
+                               "checkpoint_every", "client_timeout", "cache_dir", "tensorboard",
+                               "max_rounds_without_update", "partition_file_check"})
 
 _NAME = re.compile(r"^round-(\d{6,})\.json$")
 _STATE_PREFIX = "state."
@@ -123,26 +124,37 @@ def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _fixed_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a config a resumed run must keep (all but ``RESUMABLE_CHANGES``), as JSON reads it back."""
+    config = {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
+    return dict(json.loads(json.dumps(config)))
+
+
 def fingerprint(cfg: Mapping[str, Any], partition: Sequence[Sequence[int]], initial_state: Mapping[str, torch.Tensor],
                 data: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """What must not change between a run and its resumption: config, partition, initial model, and
     the data itself when only its arrays identify it (``data``: data passed from Python)."""
-    config = {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
     parts = hashlib.sha256(json.dumps([list(map(int, p)) for p in partition]).encode()).hexdigest()
-    found = {"config": json.loads(json.dumps(config)), "partition_sha256": parts,
+    found = {"config": _fixed_config(cfg), "partition_sha256": parts,
              "initial_model_sha256": _tensors_sha256(initial_state)}
     if data is not None:
         found["data_sha256"] = _tensors_sha256(data)
     return found
 
 
-def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
-    old, new = saved.get("config", {}), current["config"]
+def _config_mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
     for key in sorted((set(old) | set(new)) - RESUMABLE_CHANGES):  # older checkpoints hold some of them
         # a key added to fedmr after the checkpoint was written (precision): the run had its default
         was = old[key] if key in old else DEFAULTS.get(key)
         if was != new.get(key):
             return f"config key '{key}' was {was!r}, now {new.get(key)!r}"
+    return None
+
+
+def _mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    why = _config_mismatch(saved.get("config", {}), current["config"])
+    if why is not None:
+        return why
     if saved.get("partition_sha256") != current["partition_sha256"]:
         return "the partition differs"
     if saved.get("initial_model_sha256") != current["initial_model_sha256"]:
@@ -295,6 +307,48 @@ def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | 
     return None
 
 
+FINISHED_MARKS = ("summary.json", "model.safetensors")  # what only a finished run leaves in its folder
+
+
+def refuse_finished_without_checkpoint(run_dir: str | Path) -> None:
+    """A folder that holds a finished run but no checkpoint to continue from (its checkpoints/ was
+    deleted) is never started over: that would overwrite its results."""
+    run_dir = Path(run_dir)
+    if _manifests(run_dir / CHECKPOINT_DIR):
+        return
+    marks = [name for name in FINISHED_MARKS if (run_dir / name).exists()]
+    if marks:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: it holds a finished run ({marks[0]}) but no checkpoint to continue from "
+            f"({CHECKPOINT_DIR}/ is empty or gone), and a finished run is never overwritten; start a new run "
+            f"with its config: fedmr run --config {run_dir / 'config.toml'} --out NEW_FOLDER")
+
+
+def check_resume(run_dir: str | Path, cfg: Mapping[str, Any]) -> None:
+    """Before any data are loaded: whether the run in ``run_dir`` can be resumed with ``cfg``, as far as
+    its newest readable manifest tells (the config it was written with and its round); the
+    partition, initial model and tensors are checked when the run resumes.  A finished run without
+    checkpoints is refused (``refuse_finished_without_checkpoint``)."""
+    run_dir = Path(run_dir)
+    refuse_finished_without_checkpoint(run_dir)
+    for _rounds_done, manifest in _manifests(run_dir / CHECKPOINT_DIR):
+        try:
+            doc = json.loads(manifest.read_text())
+            saved, rounds_done = doc["fingerprint"]["config"], int(doc["round"])
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError):
+            continue  # unreadable: resuming skips it with a warning, as latest_checkpoint does
+        if not isinstance(saved, dict):
+            continue
+        why = _config_mismatch(saved, _fixed_config(cfg))
+        if why is not None:
+            raise CheckpointError(f"checkpoint {manifest} belongs to a different run: {why}")
+        rounds = cfg.get("rounds")
+        if isinstance(rounds, int) and rounds_done > rounds:
+            raise CheckpointError(f"checkpoint {manifest} is after round {rounds_done} but rounds is "
+                                  f"{rounds}; resume with --set rounds={rounds_done} or more")
+        return
+
+
 def resume_from_checkpoint(run_dir: str | Path, algorithm: Any, run_fingerprint: Mapping[str, Any], rounds: int,
                            device: str | torch.device = "cpu") -> tuple[int, list[dict[str, Any]], float, dict[str, float]]:
     """Load the newest usable checkpoint of ``run_dir`` into ``algorithm`` (and the global generators):
@@ -302,6 +356,7 @@ def resume_from_checkpoint(run_dir: str | Path, algorithm: Any, run_fingerprint:
     run killed before its first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
     ckpt = latest_checkpoint(run_dir, run_fingerprint, device)
     if ckpt is None:
+        refuse_finished_without_checkpoint(run_dir)
         log.warning("no checkpoint in %s yet: starting from round 1", run_dir)
         return 0, [], 0.0, {}
     if ckpt.rounds_done > rounds:

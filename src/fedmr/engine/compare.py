@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..callbacks import check_tensorboard
 from ..config import RunConfig, load_config, merge, parse_value, to_toml, validate
 from ..data import DataSet
 from ..errors import CheckpointError, ConfigError
-from ..fileio import atomic_write_text, check_writable_folder
+from ..fileio import atomic_write_text
 from ..partition import format_summary
 from ..results import comparison_table, read_metrics, setting_title, write_plot
 from .checkpoint import RESUMABLE_CHANGES
 from .experiment import prepare
+from .output import claimed_output
 from .simulator import Simulation, stop_on_signals
 
 COMPARE_FILE = "compare.json"  # the variants of a comparison, beside its base config.toml
@@ -47,6 +49,7 @@ class ComparisonOutcome:
     out_dir: Path | None = None
     stop_signal: int = 0  # the signal that stopped it (its finished runs are saved), or 0
     resumed: list[str] = field(default_factory=list)  # variants read back as finished earlier
+    late_signal: int = 0  # a signal in the last variant's last round: the comparison was finished, not stopped
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -127,14 +130,15 @@ def resumed_comparison(out: Path, assignments: Iterable[str] = ()) -> tuple[RunC
 
 
 def run_comparison(cfg: Mapping[str, Any], specs: Sequence[str], out: Path | None, progress: str = "bar",
-                   resume: bool = False, *, data: DataSet | None = None, model: Any = None,
-                   on_row: VariantRowCallback | None = None) -> ComparisonOutcome:
+                   resume: bool = False, *, data: DataSet | Callable[[], DataSet | None] | None = None,
+                   model: Any = None, on_row: VariantRowCallback | None = None, fresh: bool = False) -> ComparisonOutcome:
     """Run each variant in ``specs`` (e.g. "fedavg", "fedmr@first_stage_rounds=50") of ``cfg`` on one
     prepared experiment.  ``out``: the comparison's folder (None: nothing written, no resume);
     ``progress``: "bar", "log" or "none"; ``resume``: keep finished variants, continue the
-    interrupted one; ``data`` replaces the config's data set, ``model`` (a factory) its model;
-    ``on_row(label, row)`` is called with each metrics row.  The first SIGINT/SIGTERM stops it after a
-    checkpoint (``stop_signal``)."""
+    interrupted one; ``data`` replaces the config's data set (or a function that loads it, called
+    once the folder is checked), ``model`` (a factory) its model; ``on_row(label, row)`` is called
+    with each metrics row; ``fresh``: ``out`` was just created for it (removed again if left
+    empty).  The first SIGINT/SIGTERM stops it after a checkpoint (``stop_signal``)."""
     out = Path(out) if out is not None else None
     cfg = RunConfig.of(cfg)
     chosen = variants(cfg, specs)
@@ -145,8 +149,15 @@ def run_comparison(cfg: Mapping[str, Any], specs: Sequence[str], out: Path | Non
                           f"resume it with: fedmr compare --resume {shlex.quote(str(out))}")
     if out is not None and not resume and (out / "config.toml").exists():
         raise ConfigError(f"output folder {out} already holds a run; choose another --out")
-    if out is not None:
-        check_writable_folder(out)
+    for _spec, variant_cfg in chosen:
+        check_tensorboard(variant_cfg.tensorboard, out)
+    with claimed_output(out, resume=resume, fresh=fresh):
+        return _compare(cfg, chosen, specs, out, progress, resume, data() if callable(data) else data, model, on_row)
+
+
+def _compare(cfg: RunConfig, chosen: list[tuple[str, RunConfig]], specs: Sequence[str], out: Path | None,
+             progress: str, resume: bool, data: DataSet | None, model: Any,
+             on_row: VariantRowCallback | None) -> ComparisonOutcome:
     exp = prepare(cfg, data, model)
     if progress != "none":
         print(format_summary(exp.partition_summary), file=sys.stderr)
@@ -174,6 +185,10 @@ def run_comparison(cfg: Mapping[str, Any], specs: Sequence[str], out: Path | Non
             outcome.stop_signal = result.stop_signal
             return outcome
         outcome.summaries[spec], outcome.rows[spec] = result.summary, result.rows
+        if result.late_signal and spec != chosen[-1][0]:  # in this variant's last round: it finished, the rest wait
+            outcome.stop_signal = result.late_signal
+            return outcome
+        outcome.late_signal = result.late_signal
     if out is not None:
         title = f"{setting_title(cfg, exp.model_name, exp.data.name)}, seed {cfg.seed}"
         atomic_write_text(out / "comparison.md", f"# {title}\n\n" + comparison_table(outcome.summaries))

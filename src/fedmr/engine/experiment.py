@@ -95,7 +95,7 @@ def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = No
     for warning in check_trainable(data):
         log.warning("%s", warning)
     labels = data.train_y.cpu().numpy()
-    partition = make_partition(cfg, labels, data.natural_partition)
+    partition = make_partition(cfg, labels, data.natural_partition, clients_per_round=cfg.clients_per_round)
     summary = summarize(partition, labels, data.num_classes)
     model_name, build, user_code = model_builder(model if model is not None else cfg.model, data)
     torch.manual_seed(derive_seed(cfg.seed, "init"))

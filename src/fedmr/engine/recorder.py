@@ -19,6 +19,7 @@ from ..algorithms.base import Algorithm
 from ..callbacks import close_callbacks, run_callbacks
 from ..config import RunConfig
 from ..data import IN_MEMORY
+from ..errors import TrainingError
 from ..results import CLIENT_COLUMNS, METRIC_COLUMNS, TRAIN_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
@@ -101,6 +102,8 @@ class Recorder:
         self.fingerprint: dict[str, Any] | None = None
         # MB exchanged so far, every round counted; None once unknown (resumed from a checkpoint of before them)
         self.totals: dict[str, float] | None = {"down_total_mb": 0.0, "up_total_mb": 0.0}
+        self.idle_limit = self.cfg.max_rounds_without_update
+        self.idle_since: int | None = None  # the first of the latest rounds in a row with no update accepted
         self._start = time.perf_counter()
 
     # ---- the beginning ---------------------------------------------------------------------
@@ -178,7 +181,8 @@ class Recorder:
         self.train_rows.append(train_row)
         if self.writer is not None:
             self.writer.append_train_row(train_row)
-        if not self.evaluation_due(done):
+        stalled = self._stalled(done, round_stats)
+        if not self.evaluation_due(done) and not stalled:
             return None
         extra = dict(extra or {})
         unknown = [k for k in extra if k not in self.extra_columns]
@@ -193,7 +197,28 @@ class Recorder:
             self.writer.write_metrics(self.rows, self.columns)
         for callback in self.on_row:
             callback(row)
+        if stalled:
+            close_callbacks(self.on_row)
+            raise TrainingError(self._stall_message(done))
         return row
+
+    def _stalled(self, done: int, round_stats: Mapping[str, Any]) -> bool:
+        """Whether round ``done`` is the ``max_rounds_without_update``-th in a row in which no client
+        update was accepted (each rejected as unsound, or its client dropped): such a run no longer
+        trains (a learning rate too large, a model or data that give NaN), and goes no further."""
+        if int(round_stats.get("clients") or 0) > 0:
+            self.idle_since = None
+            return False
+        if self.idle_since is None:
+            self.idle_since = done
+        return self.idle_limit > 0 and done - self.idle_since + 1 >= self.idle_limit
+
+    def _stall_message(self, done: int) -> str:
+        where = f"; the results so far are in {self.writer.metrics_path}" if self.writer is not None else ""
+        return (f"no client update was accepted in rounds {self.idle_since}-{done} ({self.idle_limit} in a row, "
+                f"max_rounds_without_update = {self.idle_limit}): every update was rejected as unsound or its "
+                f"client dropped (the warnings above say why: non-finite values from a learning rate too large, "
+                f"NaN in the data or the model?); the run stopped after round {done}{where}")
 
     def checkpoint(self, done: int, force: bool = False) -> bool:
         """Write the checkpoint after round ``done`` when due (or ``force``d); whether one was written."""

@@ -34,6 +34,7 @@ from ..results import RunWriter
 from ..seeding import numpy_rng, torch_generator
 from .client import ClientData
 from .experiment import Experiment, prepare
+from .output import claimed_output
 from .recorder import Recorder, RowCallback
 from .rounds import RoundFold, plan_round
 from .runner import make_runner
@@ -50,6 +51,7 @@ class RunOutcome:
     algorithm: Algorithm | None = field(default=None, repr=False)
     stopped_after: int | None = None  # set when a signal stopped the run after this many rounds
     stop_signal: int = 0  # that signal's number
+    late_signal: int = 0  # a signal that came in the last round (or after it): the run was finished, not stopped
 
 
 def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) -> set[int]:
@@ -84,6 +86,7 @@ class Simulation:
                                  on_row=[self._show, *on_row], on_checkpoint=on_checkpoint)
         self._bar: Any = None
         self._round_started = 0.0
+        self.round_running = -1  # the round index in progress (rounds: the run is finishing)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -121,14 +124,16 @@ class Simulation:
         stopped_after = None
         try:
             for r in range(first, rounds):
+                self.round_running = r
                 self._round_started = time.perf_counter()
                 round_stats = self.run_round(r)
                 self.recorder.record(r + 1, round_stats)
                 self.recorder.checkpoint(r + 1, force=bool(self.stop_requested))  # read after the evaluation
                 self._bar.update(1)
-                if self.stop_requested:
+                if self.stop_requested and r + 1 < rounds:  # in the last round a stop is a finish (below)
                     stopped_after = r + 1
                     break
+            self.round_running = rounds
         finally:
             self._bar.close()
             self.runner.close()
@@ -137,7 +142,13 @@ class Simulation:
             return RunOutcome(self.rows, {}, self.algorithm.global_state(), out_dir, self.algorithm,
                               stopped_after=stopped_after, stop_signal=int(self.stop_requested))
         summary = self.recorder.finish()
-        return RunOutcome(self.rows, summary, self.algorithm.global_state(), out_dir, self.algorithm)
+        return RunOutcome(self.rows, summary, self.algorithm.global_state(), out_dir, self.algorithm,
+                          late_signal=int(self.stop_requested))
+
+    def in_last_round(self) -> bool:
+        """Whether the run is in its last round or past it (writing its results): a stop asked for now
+        finishes the run instead."""
+        return self.round_running + 1 >= self.cfg.rounds
 
 
 @contextlib.contextmanager
@@ -157,8 +168,13 @@ def stop_on_signals(simulation: Simulation) -> Iterator[None]:
         if simulation.stop_requested:
             raise KeyboardInterrupt
         simulation.stop_requested = signum
-        print(f"\nfedmr: {signal.Signals(signum).name}: finishing this round and writing a checkpoint "
-              "(send it again to abort without one)", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if simulation.in_last_round():
+            print(f"\nfedmr: {name} in the run's last round: finishing it and writing the results, so the run "
+                  "ends complete (send it again to abort without them)", file=sys.stderr, flush=True)
+        else:
+            print(f"\nfedmr: {name}: finishing this round and writing a checkpoint "
+                  "(send it again to abort without one)", file=sys.stderr, flush=True)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -189,16 +205,17 @@ def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> RunCo
 
 def run_experiment(cfg: Mapping[str, Any], out_dir: str | Path | None = None, progress: str = "bar", *,
                    resume: bool = False, data: DataSet | None = None,
-                   on_row: Iterable[RowCallback] = ()) -> RunOutcome:
+                   on_row: Iterable[RowCallback] = (), fresh: bool = False) -> RunOutcome:
     """Prepare and run one config (``fedmr run``): the partition summary on stderr unless
     ``progress`` is "none", the first SIGINT/SIGTERM stops it after a checkpoint (``stopped_after``,
     ``stop_signal``).  ``resume`` continues the run in ``out_dir``; ``data`` replaces the config's
-    data set; ``on_row`` callables get each metrics row."""
-    if out_dir is not None:
-        check_output_folder(out_dir, resume)
-    exp = prepare(cfg, data)
-    if progress != "none":
-        print(format_summary(exp.partition_summary), file=sys.stderr)
-    simulation = Simulation(exp, out_dir=out_dir, progress=progress, resume=resume, on_row=on_row)
-    with stop_on_signals(simulation):
-        return simulation.run()
+    data set; ``on_row`` callables get each metrics row; ``fresh``: ``out_dir`` was just created
+    for this run (``new_run_folder``), and is removed if the run fails before writing to it."""
+    cfg = RunConfig.of(cfg)
+    with claimed_output(out_dir, cfg, resume=resume, fresh=fresh):
+        exp = prepare(cfg, data)
+        if progress != "none":
+            print(format_summary(exp.partition_summary), file=sys.stderr)
+        simulation = Simulation(exp, out_dir=out_dir, progress=progress, resume=resume, on_row=on_row)
+        with stop_on_signals(simulation):
+            return simulation.run()

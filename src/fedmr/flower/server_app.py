@@ -24,7 +24,7 @@ from ..config import RunConfig
 from ..data import DataSet
 from ..engine.experiment import Experiment, prepare, resolve_device
 from ..engine.recorder import Recorder
-from ..errors import ConfigError, FedMRError
+from ..errors import ConfigError, FedMRError, PluginError
 from ..fileio import atomic_write_text
 from ..results import RunWriter, default_run_dir
 from .grid import PollingGrid
@@ -157,5 +157,21 @@ def main(grid: Grid, context: Context) -> None:
         poll = float(split_run_config(run_config).flower["poll_interval"])  # the default stated once, in task.py
         run_server(PollingGrid(grid, poll), run_config)
     except FedMRError as exc:  # one line for the user; Flower adds its own report of the failed run
+        exc = in_flower(exc)
         log.error("fedmr: error: %s", exc)
-        raise
+        raise exc from None
+
+
+def in_flower(exc: FedMRError) -> FedMRError:
+    """The error as a Flower user needs it: a plug-in that cannot be imported is looked for in the
+    SuperLink's environment (SUPERLINK_ENVIRONMENT), which is not always the user's shell."""
+    if isinstance(exc, PluginError) and "on PYTHONPATH?" in str(exc):
+        return PluginError(f"{exc} {SUPERLINK_ENVIRONMENT}")
+    return exc
+
+
+SUPERLINK_ENVIRONMENT = (
+    "(in Flower, the ServerApp and the simulated ClientApps import it in the SuperLink's environment, not in "
+    "that of flwr run: a local SuperLink that flwr run started by itself keeps the PYTHONPATH of the shell that "
+    "first started it; stop it (pgrep -af flower-superlink, then kill PID) and flwr run again from a shell whose "
+    "PYTHONPATH holds the plug-in; see docs/flower.md)")
