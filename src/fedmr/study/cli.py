@@ -27,11 +27,37 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--cpus-per-cell", metavar="N", type=int, default=1, help="with --ray: CPUs (threads) each cell takes")
     run.add_argument("--retries", metavar="N", type=int, default=3, help="with --ray: times a failed cell is retried")
     run.add_argument("--quiet", action="store_true", help="with one job: log lines instead of a progress bar")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="assignments",
+                     help=f"how and where the cells compute, not what: one of {', '.join(HOW_KEYS)} (e.g. "
+                          "device=\"cuda\" vectorize=true on a GPU machine, or another data_dir)")
     report = sub.add_parser("report", help="rebuild the study's results page from its run folders")
     report.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
     park = sub.add_parser("park", help="keep each unfinished cell's newest checkpoint in its folder's parked/ (to "
                                        "commit, so another machine resumes it); remove it from finished cells")
     park.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
+
+
+HOW_KEYS = ("device", "workers", "vectorize", "vectorize_memory_gb", "data_dir", "cache_dir")
+"""Keys ``study run --set`` may change: where and how a cell computes, never its numbers' definition
+(each is among the changes a checkpoint resumes across, and the reuse of finished runs ignores them)."""
+
+
+def _how(todo: list[Any], assignments: list[str]) -> list[Any]:
+    """The cells with ``--set`` applied (only the keys of ``HOW_KEYS``, each checked by the config)."""
+    import dataclasses
+
+    from ..config import parse_assignment
+
+    changes: dict[str, Any] = {}
+    for item in assignments:
+        keys, value = parse_assignment(item)
+        if len(keys) != 1 or keys[0] not in HOW_KEYS:
+            raise ConfigError(f"study run --set takes only keys that say how and where a cell computes "
+                              f"({', '.join(HOW_KEYS)}), got '{item.partition('=')[0]}'")
+        changes[keys[0]] = value
+    if not changes:
+        return todo
+    return [dataclasses.replace(s, cell=dataclasses.replace(s.cell, cfg=s.cell.cfg.replace(**changes))) for s in todo]
 
 
 def _matches(status: Any, key: str, value: Any) -> bool:
@@ -92,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     statuses = resolve(study)
     chosen = _select(statuses, args.only)
     # cells with a checkpoint first: a study resumed over several sittings finishes what it started
-    todo = sorted((s for s in chosen if not s.finished), key=lambda s: s.state != "partial")
+    todo = _how(sorted((s for s in chosen if not s.finished), key=lambda s: s.state != "partial"), args.assignments)
     if args.dry_run:
         print(_listing(chosen, args.file))
         print(f"{len(todo)} to run: fedmr study run {shlex.quote(args.file)}"
