@@ -135,11 +135,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.close()
     report = {"device": _device_name(args.device), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
               "seconds": round(time.time() - started, 1), "cells": {}}
+    wall = time.time() - started
     for name, folder, before in cells:
         after = _parked_round(folder)
         ran = after - before
-        report["cells"][name] = {"rounds_before": before, "rounds_after": after,
-                                 "s_per_round": round(seconds / ran, 2) if ran else None}
+        report["cells"][name] = {"rounds_before": before, "rounds_after": after,  # start-up and data loading included:
+                                 "wall_s_per_round": round(wall / ran, 2) if ran else None}  # an upper bound
         _note(folder, before, after, report["device"], report["started"])
         archive = out / f"{name}.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
