@@ -50,7 +50,8 @@ TEST_DELAY_ENV = "FEDMR_TEST_CHECKPOINT_DELAY"
 # long, where and how it computes, which cache and logging it uses.  A key added in a later release
 # belongs here when it cannot change results, or older checkpoints (which lack it) refuse to resume.
 RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "vectorize_memory_gb", "data_dir",
-                               "checkpoint_every", "client_timeout", "cache_dir", "tensorboard"})
+                               "checkpoint_every", "client_timeout", "cache_dir", "tensorboard", "save_model_every",
+                               "save_pool"})
 
 _NAME = re.compile(r"^round-(\d{6,})\.json$")
 _STATE_PREFIX = "state."
