@@ -7,6 +7,9 @@
     <out>/summary.json         final / best / mean-of-last-5 accuracy (``last_n``: how many evaluations
                                that mean is over, fewer than 5 on a short run), wall time
     <out>/accuracy.png         the accuracy curve (``plot_curves``, the one plot ``compare`` draws too)
+    <out>/model.safetensors    the final global model (the recorder writes it)
+    <out>/final-model.safetensors  a study's kept copy of it (``keep_model``: git ignores model.safetensors
+                               under docs/results, not this name)
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ METRIC_COLUMNS = [
     "round", "accuracy", "loss", "train_loss", "clients", "rejected", "dropped", "pool_cosine", "client_state_mb",
     "down_mb", "up_mb", "down_client_state_mb", "down_total_mb", "up_total_mb", "elapsed_s",
 ]
+MODEL_FILE = "model.safetensors"
+KEPT_MODEL_FILE = "final-model.safetensors"
 LAST_N = 5  # summary.json's mean_last5_accuracy: over the last LAST_N evaluations (all, if fewer)
 MARKER_POINTS = 30  # a curve with at most this many evaluations is drawn with a marker at each
 

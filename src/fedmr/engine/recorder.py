@@ -20,7 +20,7 @@ from ..algorithms.base import Algorithm
 from ..callbacks import close_callbacks, run_callbacks
 from ..config import RunConfig
 from ..data import IN_MEMORY
-from ..results import METRIC_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
+from ..results import METRIC_COLUMNS, MODEL_FILE, RunWriter, setting_title, summarize_metrics, write_plot
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 
@@ -208,7 +208,7 @@ class Recorder:
         summary = {"algorithm": self.cfg.algorithm, "dataset": self.cfg.dataset, "model": self.exp.model_name,
                    **(summary_extra or {}), **summarize_metrics(self.rows, wall, self.rounds)}
         if self.writer is not None:
-            save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
+            save_tensors(self.writer.dir / MODEL_FILE, self.algorithm.global_state())
             self.writer.write_summary(summary)
             if "final_accuracy" in summary:  # something to draw
                 write_plot({self.cfg.algorithm: self.rows}, self.writer.dir / "accuracy.png", self.title(),

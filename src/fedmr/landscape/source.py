@@ -36,8 +36,9 @@ from ..engine.experiment import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..maths import State, pool_mean, slot
 from ..models import model_builder
+from ..results import KEPT_MODEL_FILE, MODEL_FILE
 
-FINAL = ("model.safetensors", "final-model.safetensors")  # the run's own, then the study's kept copy
+FINAL = (MODEL_FILE, KEPT_MODEL_FILE)  # the run's own, then the study's kept copy
 _MEMBER = re.compile(r"^(.*)@(\d+|mean)$")
 
 
