@@ -183,6 +183,8 @@ def test_straight_path_ends_are_the_two_models_losses(tmp_path, capsys, one_torc
     assert path["t"] == [0.0, 0.5, 1.0]
     assert path["loss"][0] == pytest.approx(ends[0], rel=1e-6) and path["loss"][-1] == pytest.approx(ends[1], rel=1e-6)
     assert path["barrier"] == pytest.approx(max(path["loss"]) - (ends[0] + ends[1]) / 2, rel=1e-6)
+    chord = max(path["loss"][1] - (ends[0] + ends[1]) / 2, 0.0)  # the chord's ends are on it: 0 there
+    assert path["barrier_linear"] == pytest.approx(chord, rel=1e-6, abs=1e-9)
     assert (tmp_path / "a" / "landscape-path-b.png").is_file()
 
 

@@ -42,6 +42,7 @@ def _path_doc(a: str, b: str, losses: list[float], input_a=None, input_b=None) -
     top = max(range(len(losses)), key=lambda i: losses[i])
     return {"models": [{"input": input_a or a, "run": a}, {"input": input_b or b, "run": b}],
             "path": {"t": ts, "loss": losses, "accuracy": [0.5] * len(losses), "barrier": max(losses) - ends,
+                     "barrier_linear": max(v - ((1 - t) * losses[0] + t * losses[-1]) for t, v in zip(ts, losses)),
                      "barrier_at": ts[top], "ends_mean_loss": ends}}
 
 
@@ -85,7 +86,7 @@ def test_flatness_section_reads_the_landscape_files(tmp_path, monkeypatch):
     assert "Spearman's rank correlation of the top eigenvalue with test accuracy is -1.00: the flatter models are " \
            "the more accurate ones" in section
     assert "- IID: too few methods measured" not in section  # no IID cell was measured
-    assert "| alpha 0.5 | 1 | fedavg -> fedmr | 0.5000 | 0.4000 | 1.3000 (t = 0.5) | 0.8500 |" in section
+    assert "| alpha 0.5 | 1 | fedavg -> fedmr | 0.5000 | 0.4000 | 1.3000 (t = 0.5) | 0.8500 | 0.8500 |" in section
     assert ("- fedmr@first_stage_rounds=4 (alpha 0.5, seed 1): its top eigenvalue is below fedavg's from round 4 on "
             "(at round 8: 3 against 9.5).") in section
     assert ("- fedmr@first_stage_rounds=4 (alpha 0.5, seed 1): the barrier between pool members goes from 0.8000 "

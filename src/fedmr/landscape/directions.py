@@ -101,6 +101,12 @@ class Path:
         return max(self.loss) - self.ends_mean
 
     @property
+    def barrier_linear(self) -> float:
+        """The highest loss above the chord between the ends, max over t of L(t) - ((1 - t) L(0) + t L(1))
+        (Frankle et al. 2020): 0 on a line whose loss never rises above the chord, even with unequal ends."""
+        return max(loss - ((1 - t) * self.loss[0] + t * self.loss[-1]) for t, loss in zip(self.ts, self.loss))
+
+    @property
     def barrier_at(self) -> float:
         return self.ts[max(range(len(self.loss)), key=lambda i: self.loss[i])]
 

@@ -152,10 +152,13 @@ def measure_path(run: Run, a: Loaded, b: Loaded, settings: Settings,
     end = {k: v.detach() for k, v in second.state_dict().items()}
     path = timer.run("path", lambda: straight_path(objective, start, end, ts),
                      lambda p: f"loss {p.loss[0]:.4f} -> {p.loss[-1]:.4f}, highest {max(p.loss):.4f} at t = "
-                               f"{p.barrier_at:g}, barrier {p.barrier:.4f}")
+                               f"{p.barrier_at:g}, barrier {p.barrier:.4f} (above the chord: {p.barrier_linear:.4f})")
     doc["path"] = {"t": path.ts, "loss": path.loss, "accuracy": path.accuracy, "barrier": path.barrier,
                    "barrier_at": path.barrier_at, "ends_mean_loss": path.ends_mean,
                    "barrier_rule": "the highest loss on the line minus the mean of the two ends' losses",
+                   "barrier_linear": path.barrier_linear,
+                   "barrier_linear_rule": "the highest loss above the straight chord between the ends' losses, "
+                                          "max over t of L(t) - ((1 - t) L(0) + t L(1)) (Frankle et al. 2020)",
                    "interpolation": INTERPOLATION}
     doc["seconds"] = timer.seconds
     return doc

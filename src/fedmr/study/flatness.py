@@ -242,15 +242,17 @@ class Flatness:
                 end = by_folder.get(other)
                 label = f"{m.entry.method} -> {end.entry.method if end else other}"
                 path = doc["path"]
+                chord = f"{path['barrier_linear']:.4f}" if "barrier_linear" in path else ""
                 rows.append([m.entry.het, str(m.entry.seed), label, f"{path['loss'][0]:.4f}", f"{path['loss'][-1]:.4f}",
-                             f"{max(path['loss']):.4f} (t = {path['barrier_at']:g})", f"{path['barrier']:.4f}"])
+                             f"{max(path['loss']):.4f} (t = {path['barrier_at']:g})", f"{path['barrier']:.4f}", chord])
                 drawn.setdefault(m.entry.het, {})[f"{label} (seed {m.entry.seed})"] = path
         if not rows:
             return
         self.page.add("Straight line between two final models (training loss on the subset; the barrier is the "
-                      "highest loss on the line minus the mean of the two ends' losses):", "")
+                      "highest loss on the line minus the mean of the two ends' losses; above the chord: the highest "
+                      "loss minus the straight line between the ends' losses, 0 when the loss never rises above it):", "")
         self.page.add(*_table(["heterogeneity", "seed", "from -> to", "loss at t = 0", "loss at t = 1", "highest",
-                               "barrier"], sorted(rows)))
+                               "barrier", "above the chord"], sorted(rows)))
         for het, paths in drawn.items():
             self._figure("path", het, f"Straight line between final models, {het}",
                          lambda out, p=paths, h=het: _draw("paths", p, out, f"straight line, {h}"))
