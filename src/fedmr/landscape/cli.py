@@ -54,7 +54,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"], metavar="N",
                    help="seed of the subset and of every random vector (default %(default)s)")
     p.add_argument("--power-iters", type=int, default=DEFAULTS["power_iters"], metavar="N",
-                   help="most Hessian-vector products of the power iteration (default %(default)s)")
+                   help="most Hessian-vector products of the power iteration, per stage (default %(default)s)")
     p.add_argument("--tolerance", type=float, default=DEFAULTS["tolerance"], metavar="X",
                    help="stop the power iteration when the eigenvalue changes by less than X, relative "
                         "(default %(default)s)")

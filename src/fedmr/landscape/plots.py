@@ -64,15 +64,16 @@ def draw_paths(paths: Mapping[str, Mapping[str, Any]], path: Path, title: str, e
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     right = ax.twinx()
     for label, doc in paths.items():
+        chord = f", above the chord {doc['barrier_linear']:.3f}" if "barrier_linear" in doc else ""
         line = ax.plot(doc["t"], doc["loss"], marker="o", markersize=3, linewidth=1.4,
-                       label=f"{label}: barrier {doc['barrier']:.3f}")[0]
+                       label=f"{label}: barrier {doc['barrier']:.3f}{chord}")[0]
         right.plot(doc["t"], [100 * a for a in doc["accuracy"]], linestyle="--", linewidth=1.0, color=line.get_color())
     ax.set_xlabel(f"t (0 = {ends[0]}, 1 = {ends[1]})")
     ax.set_ylabel("training loss (solid)")
     right.set_ylabel("training accuracy, % (dashed)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best")
     _save(fig, path)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 Page = Any
 Entry = Any
 
-BASIN = 0.01  # a barrier below 1% of the ends' mean loss reads as "no barrier": one basin
+BASIN = 0.01  # a line whose loss stays within 1% (of the ends' mean loss) of the chord reads as one basin
 _ROUND = re.compile(r"^round-(\d+)")
 _GLOBAL_ROUND = re.compile(r"^round-(\d+)-landscape\.json$")  # the global model saved after a round
 
@@ -52,7 +52,8 @@ class Measured:
     final: dict[str, Any]
     paths: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (other run folder's name, document)
     eigen_rounds: list[tuple[int, float]] = field(default_factory=list)
-    pool_barriers: list[tuple[int, float, float]] = field(default_factory=list)  # (round, barrier, ends' mean loss)
+    # (round, barrier, barrier above the chord (the barrier where a file predates it), the ends' mean loss)
+    pool_barriers: list[tuple[int, float, float, float]] = field(default_factory=list)
 
     @property
     def eigen(self) -> float | None:
@@ -97,8 +98,9 @@ def collect(entries: Sequence[Entry]) -> list[Measured]:
             doc, match = _read(path), _ROUND.match(path.name)
             if doc and match and "path" in doc and doc["models"][0]["input"].split("@")[0] == \
                     doc["models"][1]["input"].split("@")[0]:  # two members of one pool
-                m.pool_barriers.append((int(match.group(1)), float(doc["path"]["barrier"]),
-                                        float(doc["path"]["ends_mean_loss"])))
+                path_ = doc["path"]
+                m.pool_barriers.append((int(match.group(1)), float(path_["barrier"]),
+                                        float(path_.get("barrier_linear", path_["barrier"])), float(path_["ends_mean_loss"])))
         found[e.status.cell.name] = m
     return list(found.values())
 
@@ -164,7 +166,8 @@ class Flatness:
             trace = f"{_g(m.trace[0])} ± {_g(m.trace[1], 2)}" if m.trace else ""
             train = f.get("train", {})
             samples = f.get("data", {}).get("samples")
-            rows.append([m.entry.method, m.entry.het, str(m.entry.seed), _g(m.eigen), trace,
+            eigen = _g(m.eigen) + ("" if f.get("eigen", {}).get("converged", True) else " (not converged)")
+            rows.append([m.entry.method, m.entry.het, str(m.entry.seed), eigen, trace,
                          f"{train['loss']:.4f}" if "loss" in train else "",
                          f"{100 * m.accuracy:.2f}" if m.accuracy is not None else "", str(samples or "")])
         if rows:
@@ -274,17 +277,21 @@ class Flatness:
                                            "top Hessian eigenvalue", mark, "two-stage switch" if mark else ""))
             lines += self._diverge(series)
         if barriers:
-            points = {k: [(r, b) for r, b, _ in v] for k, v in barriers.items()}
+            points = {f"{k}: {what}": [(v[0], v[i]) for v in values] for k, values in barriers.items()
+                      for i, what in ((1, "above the ends' mean"), (2, "above the chord"))}
             self._figure("pool-barrier", "", "Barrier between two members of FedMR's pool over the rounds",
                          lambda out: _draw("rounds", points, out, "barrier between two pool members",
                                            "barrier (training loss)", mark, "two-stage switch" if mark else ""))
             for label, values in barriers.items():
-                basin = next((r for i, (r, _, _) in enumerate(values)
-                              if all(b <= BASIN * e for _, b, e in values[i:])), None)
-                where = (f"below {100 * BASIN:g}% of the ends' loss (one basin) from round {basin} on" if basin is not None
-                         else "never below 1% of the ends' loss for good: the members stay in separate basins")
-                lines.append(f"- {label}: the barrier between pool members goes from {values[0][1]:.4f} (round "
-                             f"{values[0][0]}) to {values[-1][1]:.4f} (round {values[-1][0]}); {where}.")
+                basin = next((r for i, (r, *_) in enumerate(values)
+                              if all(c <= BASIN * e for _, _, c, e in values[i:])), None)
+                where = (f"the loss on the line stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
+                         f"from round {basin} on" if basin is not None else
+                         f"the loss on the line rises more than {100 * BASIN:g}% above the chord up to the last measured "
+                         "round: the members are in separate basins")
+                lines.append(f"- {label}: the barrier between two pool members (highest loss above the ends' mean) goes "
+                             f"from {values[0][1]:.4f} (round {values[0][0]}) to {values[-1][1]:.4f} (round "
+                             f"{values[-1][0]}); {where}.")
         if lines:
             self.page.add(*lines, "")
 
