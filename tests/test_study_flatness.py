@@ -139,3 +139,22 @@ def test_an_unreadable_landscape_file_is_passed_over(tmp_path, monkeypatch, bad)
     root = _copy(tmp_path)
     (root / "results" / "study" / "iid-seed1-fedmr" / "landscape.json").write_text(bad)
     assert "Flatness" not in _report(root, monkeypatch)
+
+
+def test_a_rerun_of_a_cell_under_study_landscape_is_read_for_it(tmp_path, monkeypatch):
+    """[study] landscape = [folders]: a finished cell measured in an equal rerun elsewhere (its models kept there)."""
+    root = _copy(tmp_path)
+    rerun = root / "reruns" / "alpha0.5-seed1-fedmr-again"
+    shutil.copytree(root / "results" / "study" / "alpha0.5-seed1-fedmr", rerun)
+    config = rerun / "config.toml"  # keeps models: changes no result, so still a rerun of the cell
+    config.write_text("save_model_every = 5\n" + config.read_text())
+    _write(rerun / "landscape.json", _doc("reruns/alpha0.5-seed1-fedmr-again", 12.5, 100.0, 0.7))
+    assert "Flatness" not in _report(root, monkeypatch)  # not named: not read
+    study = root / "study.toml"
+    study.write_text(study.read_text().replace('report = "results/README.md"',
+                                               'report = "results/README.md"\nlandscape = ["reruns"]'))
+    page = _report(root, monkeypatch)
+    assert "| fedmr | alpha 0.5 | 1 | 12.5 | 100 ± 10 | 0.5000 | 70.00 | 1000 |" in page
+    study.write_text(study.read_text().replace('landscape = ["reruns"]', 'landscape = "reruns"'))
+    monkeypatch.chdir(root)
+    assert main(["study", "report", "study.toml"]) == 2

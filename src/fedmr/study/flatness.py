@@ -9,6 +9,11 @@ Read per finished cell:
 * ``models/round-NNNNNN-landscape.json`` (``save_model_every``): the top eigenvalue over the rounds;
 * ``models/round-NNNNNN-pool*-path-*.json`` (two members of one saved pool): the barrier over rounds.
 
+A cell whose own folder holds none is read from a rerun of it (a finished run with the same config on
+every key that changes results, as the study's ``reuse`` matches them) under the folders ``[study]
+landscape`` names: so a study's finished cells can be rerun elsewhere, keeping their models, and
+measured there.
+
 The reading in words follows rules stated on the page: a model is *flatter* than another when both its
 top eigenvalue and its trace are lower (the trace by more than two combined standard errors; with no
 trace, the eigenvalue alone), *sharper* when both are higher, otherwise the two measures disagree.
@@ -49,11 +54,23 @@ class Measured:
     """One finished cell's landscape files."""
 
     entry: Entry
+    folder: Path  # where the files are: the cell's run folder or a rerun of it
     final: dict[str, Any]
     paths: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (other run folder's name, document)
     eigen_rounds: list[tuple[int, float]] = field(default_factory=list)
     # (round, barrier, barrier above the chord (the barrier where a file predates it), the ends' mean loss)
     pool_barriers: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        """The cell's method as the page names it, without the settings that change no result
+        (``save_model_every``, ``save_pool``: a rerun that keeps its models is the same method)."""
+        from .spec import NOT_RESULTS
+
+        e = self.entry
+        others = [f"{k}={v}" for k, v in e.membership.settings.items()
+                  if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
+        return e.variant + (f" ({', '.join(others)})" if others else "")
 
     @property
     def eigen(self) -> float | None:
@@ -73,19 +90,35 @@ class Measured:
         return rows[-1]["accuracy"] if rows else None
 
 
-def collect(entries: Sequence[Entry]) -> list[Measured]:
-    found: dict[str, Measured] = {}
-    for e in entries:
-        folder = e.status.folder
-        if e.stats is None or e.status.cell.name in found:
-            continue
+def _measured_folder(folders: Sequence[Path]) -> tuple[Path, dict[str, Any] | None, list[Path]] | None:
+    """The first of ``folders`` that holds landscape files: (it, its landscape.json, its over-rounds files)."""
+    for folder in folders:
         final = _read(folder / "landscape.json")
         models = folder / "models"
         rounds = sorted(p for p in models.glob("round-*-landscape.json") if _GLOBAL_ROUND.match(p.name)) \
             if models.is_dir() else []
-        if final is None and not rounds:
+        if final is not None or rounds:
+            return folder, final, rounds
+    return None
+
+
+def collect(entries: Sequence[Entry], reruns: Sequence[Path] = ()) -> list[Measured]:
+    """Each finished cell's landscape files: in its own run folder, or else in a rerun of it (an equal
+    finished run, as the study's reuse matches them) under the ``reruns`` folders ([study] landscape)."""
+    from .index import RunFinder
+
+    finder = RunFinder(list(reruns)) if reruns else None
+    found: dict[str, Measured] = {}
+    for e in entries:
+        if e.stats is None or e.status.cell.name in found:
             continue
-        m = Measured(e, final or {})
+        again = finder.runs.get(finder.key(e.status.cell.cfg, e.status.cell.cfg.rounds), []) if finder else []
+        held = _measured_folder([e.status.folder, *again])
+        if held is None:
+            continue
+        folder, final, rounds = held
+        models = folder / "models"
+        m = Measured(e, folder, final or {})
         for path in sorted(folder.glob("landscape-path-*.json")):
             doc = _read(path)
             if doc and "path" in doc and len(doc.get("models", [])) == 2:
@@ -138,7 +171,7 @@ class Flatness:
     def __init__(self, page: Page):
         self.page = page
         self.baseline = str(page.o["baseline"])
-        self.measured = collect(page.entries)
+        self.measured = collect(page.entries, [Path(p) for p in page.o.get("landscape", [])])
 
     def render(self) -> None:
         if not self.measured:
@@ -161,13 +194,13 @@ class Flatness:
 
     def table(self) -> None:
         rows = []
-        for m in sorted(self.measured, key=lambda m: (m.entry.het, m.entry.method, m.entry.seed)):
+        for m in sorted(self.measured, key=lambda m: (m.entry.het, m.method, m.entry.seed)):
             f = m.final
             trace = f"{_g(m.trace[0])} ± {_g(m.trace[1], 2)}" if m.trace else ""
             train = f.get("train", {})
             samples = f.get("data", {}).get("samples")
             eigen = _g(m.eigen) + ("" if f.get("eigen", {}).get("converged", True) else " (not converged)")
-            rows.append([m.entry.method, m.entry.het, str(m.entry.seed), eigen, trace,
+            rows.append([m.method, m.entry.het, str(m.entry.seed), eigen, trace,
                          f"{train['loss']:.4f}" if "loss" in train else "",
                          f"{100 * m.accuracy:.2f}" if m.accuracy is not None else "", str(samples or "")])
         if rows:
@@ -185,7 +218,7 @@ class Flatness:
         lines = []
         for het, group in self._by_het().items():
             for seed in sorted({m.entry.seed for m in group}):
-                here = {m.entry.method: m for m in group if m.entry.seed == seed}
+                here = {m.method: m for m in group if m.entry.seed == seed}
                 base = here.get(self.baseline)
                 if base is None or base.eigen is None:
                     continue
@@ -211,7 +244,7 @@ class Flatness:
 
     def _accuracy_relation(self, het: str, group: Sequence[Measured]) -> list[str]:
         pairs = [(m.eigen, m.accuracy) for m in group if m.eigen is not None and m.accuracy is not None]
-        if len({m.entry.method for m in group}) < 3 or len(pairs) < 3:
+        if len({m.method for m in group}) < 3 or len(pairs) < 3:
             return [f"- {het}: too few methods measured ({len(pairs)}) to say whether flatness goes with accuracy."]
         from scipy import stats
 
@@ -229,21 +262,21 @@ class Flatness:
 
     def curves(self) -> None:
         for het, group in self._by_het().items():
-            curves = {f"{m.entry.method} (seed {m.entry.seed})": m.final["curve_1d"] for m in
-                      sorted(group, key=lambda m: (m.entry.method != self.baseline, m.entry.method, m.entry.seed))
+            curves = {f"{m.method} (seed {m.entry.seed})": m.final["curve_1d"] for m in
+                      sorted(group, key=lambda m: (m.method != self.baseline, m.method, m.entry.seed))
                       if "curve_1d" in m.final}
             if curves:
                 self._figure("1d", het, f"1-D loss curves along filter-normalised random directions, {het}",
                              lambda path, c=curves, h=het: _draw("curves", c, path, f"training loss, {h}"))
 
     def paths(self) -> None:
-        by_folder = {m.entry.status.folder.name: m for m in self.measured}
+        by_folder = {m.folder.name: m for m in self.measured}
         rows: list[list[str]] = []
         drawn: dict[str, dict[str, Any]] = {}
         for m in self.measured:
             for other, doc in m.paths:
                 end = by_folder.get(other)
-                label = f"{m.entry.method} -> {end.entry.method if end else other}"
+                label = f"{m.method} -> {end.method if end else other}"
                 path = doc["path"]
                 chord = f"{path['barrier_linear']:.4f}" if "barrier_linear" in path else ""
                 rows.append([m.entry.het, str(m.entry.seed), label, f"{path['loss'][0]:.4f}", f"{path['loss'][-1]:.4f}",
@@ -261,9 +294,9 @@ class Flatness:
                          lambda out, p=paths, h=het: _draw("paths", p, out, f"straight line, {h}"))
 
     def over_rounds(self) -> None:
-        series = {f"{m.entry.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.eigen_rounds)
+        series = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.eigen_rounds)
                   for m in self.measured if m.eigen_rounds}
-        barriers = {f"{m.entry.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.pool_barriers)
+        barriers = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.pool_barriers)
                     for m in self.measured if m.pool_barriers}
         if not series and not barriers:
             return

@@ -3,6 +3,7 @@
     [study]                      where things go (paths relative to the directory you run from)
     output = "docs/results/cifar10-cnn-study"   the cells' run folders, cells.json, plots
     reuse = ["docs/results"]     folders searched for finished runs equal to a cell (default)
+    landscape = ["docs/results/x"]  folders with reruns of cells whose fedmr landscape files the page reads
     report = "docs/results/README.md"
     [base]                       a fedmr config (any key of `fedmr run --config`)
     [[grid]]                     one block of cells: the product of its lists, in file order
@@ -35,7 +36,7 @@ from ..engine.checkpoint import RESUMABLE_CHANGES
 from ..errors import ConfigError
 
 STUDY_KEYS = {"title", "output", "reuse", "report", "baseline", "contrasts", "late_fraction", "thresholds",
-              "tie_margin", "description", "keep_model"}
+              "tie_margin", "description", "keep_model", "landscape"}
 BLOCK_KEYS = {"priority", "section", "title", "keep_model"}
 # Keys that say how or where a run computes, never what it computes: ignored when a cell is matched to
 # a finished run.  The resumable changes minus rounds (a run's length is checked on its summary) and
@@ -261,6 +262,9 @@ def load_study(path: str | Path) -> Study:
     options.setdefault("tie_margin", 1.0)
     options.setdefault("description", "")
     options.setdefault("keep_model", False)
+    options.setdefault("landscape", [])
+    if isinstance(options["landscape"], str) or not isinstance(options["landscape"], list):
+        raise ConfigError(f"study {path}: 'study.landscape' must be a list of folders")
     if not isinstance(options["keep_model"], bool):
         raise ConfigError(f"study {path}: 'study.keep_model' must be true or false, got {options['keep_model']!r}")
     if not 0 < options["late_fraction"] <= 1:
