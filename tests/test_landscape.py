@@ -165,6 +165,9 @@ def test_only_the_eigenvalue_when_asked(tmp_path, capsys, one_torch_thread):
     doc = json.loads((tmp_path / "run" / "landscape.json").read_text())
     assert {"eigen", "train"} <= set(doc) and not {"trace", "test", "curve_1d", "surface_2d"} & set(doc)
     assert out.strip() == f"wrote {tmp_path / 'run' / 'landscape.json'}"
+    landscape([tmp_path / "run", "--compute", "trace", "--samples", "32", "--trace-vectors", "1"], capsys)
+    text = (tmp_path / "run" / "landscape.json").read_text()
+    assert "NaN" not in text and json.loads(text)["trace"]["standard_error"] is None  # one vector: no error, strict JSON
 
 
 def test_straight_path_ends_are_the_two_models_losses(tmp_path, capsys, one_torch_thread):

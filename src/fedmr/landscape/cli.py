@@ -101,11 +101,22 @@ def _other(a: Any, b: Any) -> str:
     return b.label
 
 
+def _plain(value: Any) -> Any:
+    """NaN (a standard error from one vector) as null: the file stays strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     from ..fileio import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(_plain(doc), indent=1, allow_nan=False) + "\n")
 
 
 def _plot(draw: Any, *args: Any) -> bool:

@@ -79,7 +79,10 @@ class Measured:
     @property
     def trace(self) -> tuple[float, float] | None:
         t = self.final.get("trace")
-        return (t["trace"], t["standard_error"]) if t else None
+        if not t:
+            return None
+        error = t.get("standard_error")
+        return float(t["trace"]), math.nan if error is None else float(error)  # null: one vector, no error
 
     @property
     def accuracy(self) -> float | None:
@@ -196,7 +199,7 @@ class Flatness:
         rows = []
         for m in sorted(self.measured, key=lambda m: (m.entry.het, m.method, m.entry.seed)):
             f = m.final
-            trace = f"{_g(m.trace[0])} ± {_g(m.trace[1], 2)}" if m.trace else ""
+            trace = (_g(m.trace[0]) + ("" if math.isnan(m.trace[1]) else f" ± {_g(m.trace[1], 2)}")) if m.trace else ""
             train = f.get("train", {})
             samples = f.get("data", {}).get("samples")
             eigen = _g(m.eigen) + ("" if f.get("eigen", {}).get("converged", True) else " (not converged)")
