@@ -225,6 +225,7 @@ def _image_folder(root):
     ("not a run", "is not a fedmr run folder (no config.toml)"),
     ("unfinished run", "holds no final model (model.safetensors): the run has not finished"),
     ("another model", "does not fit run"),
+    ("another model's checkpoint", "does not fit run"),
     ("data that do not fit", "does not fit run"),
     ("a member of no pool", "holds one global model, not a pool of models"),
     ("three models", "takes one model or two"),
@@ -239,6 +240,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message)
         "not a run": [tmp_path],
         "unfinished run": [run],
         "another model": [tmp_path / "cnn" / "model.safetensors", "--run", run],
+        "another model's checkpoint": [tmp_path / "cnn" / "checkpoints" / "round-000003.json", "--run", run],
         "data that do not fit": [run, "--set", 'dataset="imagefolder"', "--set",
                                  f'data_dir="{_image_folder(tmp_path / "images")}"'],
         "a member of no pool": [f"{run}@1"],
@@ -249,8 +251,9 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message)
     }[case]
     if case == "unfinished run":
         (run / "model.safetensors").unlink()
-    if case == "another model":
-        make_run(tmp_path / "cnn", model="cnn")
+    if case.startswith("another model"):
+        net = make_run(tmp_path / "cnn", model="cnn")
+        save_checkpoint(tmp_path / "cnn", 3, {f"global.{k}": v for k, v in net.state_dict().items()}, [], 0.0, {})
     code, out, err = landscape(args, capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("fedmr: error: ") and message in err, err
