@@ -46,7 +46,7 @@ CARRY = ROOT / ".gpu-carry"
 LIMIT = 16 * 2**20  # bytes a returned file may have
 SKIP = ("scaffold",)  # checkpoints over the limit (every client's control variate)
 KEEP = ("config.toml", "partition.json", "partition_summary.json", "metrics.csv", "train_loss.csv",
-        "client_accuracy.csv", "GPU_ROUNDS.md")
+        "client_accuracy.csv", "GPU_ROUNDS.md", "summary.json", "final-model.safetensors", "accuracy.png", "loss.png")
 
 
 def _env() -> dict[str, str]:
@@ -114,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings.append("vectorize=true")
     started = time.time()
     procs = {}
-    for name, folder, _ in cells:
+    for name, _folder, _ in cells:
         cmd = [sys.executable, "-m", "fedmr.cli", "study", "run", STUDY, "--only", f"name={name}", "--quiet",
                *[a for s in settings for a in ("--set", s)]]
         log = (out / f"{name}.log").open("w")
@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for proc, _ in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # finish the round, checkpoint, park
-    for name, (proc, log) in procs.items():
+    for proc, log in procs.values():
         try:
             proc.wait(timeout=args.grace)
         except subprocess.TimeoutExpired:

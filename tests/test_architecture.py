@@ -20,7 +20,7 @@ LAYERS = [
     {"algorithms", "models", "data", "partition", "callbacks"},
     {"config"},
     {"results"},
-    {"engine", "export"},
+    {"engine", "export", "landscape"},
     {"api", "cli", "study", "flower", "fedmr"},  # "fedmr": the package's own __init__
 ]
 LAYER = {room: rank for rank, rooms in enumerate(LAYERS) for room in rooms}

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedmr.config import load_config
 from fedmr.engine import Simulation, prepare
@@ -259,3 +260,24 @@ def test_the_vectorized_path_and_a_run_without_a_folder_evaluate_per_client_too(
     outcome = sim.run()
     assert all(0 <= r["client_acc_worst10"] <= r["client_acc_mean"] <= 1 for r in outcome.rows)
     assert [r["round"] for r in sim.recorder.train_rows] == [1, 2]
+
+
+def test_save_model_every_keeps_the_global_model_and_the_pool_of_those_rounds(tmp_path):
+    """models/round-NNNNNN.safetensors every save_model_every rounds (fedmr landscape's over-rounds input);
+    the last equals the final model.safetensors, and the pool's mean is the global model."""
+    from fedmr.engine.checkpoint import load_tensors
+    from fedmr.maths import pool_mean
+
+    cfg = load_config(None, [*TINY, "rounds=4", "algorithm=\"fedmr\"", "save_model_every=2", "save_pool=true"])
+    Simulation(prepare(cfg), out_dir=tmp_path / "run", progress="none").run()
+    models = tmp_path / "run" / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["round-000002-pool.safetensors", "round-000002.safetensors",
+                                                       "round-000004-pool.safetensors", "round-000004.safetensors"]
+    final, saved = load_tensors(tmp_path / "run" / "model.safetensors"), load_tensors(models / "round-000004.safetensors")
+    assert all(torch.equal(final[k], saved[k]) for k in final)
+    pool = {k.removeprefix("pool."): v for k, v in load_tensors(models / "round-000004-pool.safetensors").items()}
+    assert all(v.shape[0] == 4 for v in pool.values())
+    assert all(torch.allclose(pool_mean(pool)[k], final[k]) for k in final)
+    off = load_config(None, [*TINY, "rounds=1"])  # the default keeps no models
+    Simulation(prepare(off), out_dir=tmp_path / "plain", progress="none").run()
+    assert not (tmp_path / "plain" / "models").exists()

@@ -323,3 +323,29 @@ def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, cap
     assert _comparable(resumed_cell) == _comparable(reference)
     assert (resumed_cell / "train_loss.csv").read_bytes() == (reference / "train_loss.csv").read_bytes()
     assert not (resumed_cell / "parked").exists()
+
+
+def test_keep_model_keeps_the_final_model_under_a_name_git_does_not_ignore(tmp_path, monkeypatch, capsys):
+    """keep_model (a grid's or [study]'s): the finished cell's model.safetensors is copied to
+    final-model.safetensors, at the end of the cell or, for a cell finished before, on the next run."""
+    monkeypatch.chdir(tmp_path)
+    text = STUDY.format(reuse="", extra="").replace("rounds = 6", "rounds = 2").replace('"fedavg", "fedmr"', '"fedavg"')
+    path = tmp_path / "study.toml"
+    path.write_text(text + '\n[[grid]]\nkeep_model = true\nalgorithm = ["fedmr"]\nseed = [1]\n')
+    assert main(["study", "run", str(path), "--quiet"]) == 0
+    out = tmp_path / "out" / "study"
+    assert (out / "seed1-fedmr" / "final-model.safetensors").read_bytes() == \
+        (out / "seed1-fedmr" / "model.safetensors").read_bytes()
+    assert not (out / "seed1-fedavg" / "final-model.safetensors").exists()
+    path.write_text(text.replace('title = "tiny"', 'title = "tiny"\nkeep_model = true')
+                    + '\n[[grid]]\nalgorithm = ["fedmr"]\nseed = [1]\n')
+    assert main(["study", "run", str(path), "--quiet"]) == 0  # nothing to run; the finished FedAvg cell's model is kept
+    assert (out / "seed1-fedavg" / "final-model.safetensors").is_file()
+    (out / "seed1-fedavg" / "model.safetensors").unlink()
+    (out / "seed1-fedavg" / "final-model.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["study", "run", str(path), "--quiet"]) == 0
+    assert "fedmr: warning: keep_model: out/study/seed1-fedavg holds no model.safetensors" in capsys.readouterr().err
+    path.write_text(text.replace('title = "tiny"', 'title = "tiny"\nkeep_model = 1'))
+    assert main(["study", "run", str(path), "--dry-run"]) == 2
+    assert "'study.keep_model' must be true or false, got 1" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The ``fedmr`` command line: parses the arguments and dispatches to the engine (run, compare, demo,
-data info, partition); the workflows themselves live in :mod:`fedmr.engine`."""
+data info, partition), the study (:mod:`fedmr.study`) and ``landscape`` (:mod:`fedmr.landscape`);
+the workflows themselves live in those packages."""
 
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.cli import add_parser as add_study_parser  # fedmr study run|report
 
     add_study_parser(sub)
+    from .landscape.cli import add_parser as add_landscape_parser  # fedmr landscape MODEL [MODEL_B]
+
+    add_landscape_parser(sub)
     return parser
 
 
@@ -274,8 +278,14 @@ def cmd_study(args: argparse.Namespace) -> int:
     return study(args)
 
 
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from .landscape.cli import cmd_landscape as landscape
+
+    return landscape(args)
+
+
 COMMANDS = {"run": cmd_run, "compare": cmd_compare, "demo": cmd_demo, "data": cmd_data, "partition": cmd_partition,
-            "study": cmd_study}
+            "study": cmd_study, "landscape": cmd_landscape}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,6 +85,10 @@ class RunConfig(Mapping[str, Any]):
     checkpoint_every: int = setting(0, "rounds between checkpoints; 0 = at every evaluation")
     precision: str = setting("fp32", "fp32, or bf16: mixed precision in local training (bf16 autocast; weights, optimizer "
                              "state, BatchNorm statistics and everything the server sees stay fp32)")
+    save_model_every: int = setting(0, "rounds between copies of the global model kept as models/round-NNNNNN.safetensors "
+                                       "(for fedmr landscape); 0 = none, only the final model.safetensors")
+    save_pool: bool = setting(False, "with save_model_every: also keep a pool method's K models (fedmr, fedindep) as "
+                                     "models/round-NNNNNN-pool.safetensors")
     tensorboard: bool = setting(False, "also write the metrics to <results>/tensorboard (needs the tensorboard extra)")
     # [fedmr], [fedprox], ..., and plug-ins' ["pkg.mod:Class"] / ["pkg.mod:loader"] tables, in file order
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False)
@@ -401,6 +405,8 @@ def _check_training_ranges(c: RunConfig) -> None:
         raise ConfigError(f"config key 'max_update_norm' must be 0 (off) or positive, got {c.max_update_norm}")
     if c.checkpoint_every < 0:
         raise ConfigError(f"config key 'checkpoint_every' must be 0 (every evaluation) or positive, got {c.checkpoint_every}")
+    if c.save_model_every < 0:
+        raise ConfigError(f"config key 'save_model_every' must be 0 (none) or positive, got {c.save_model_every}")
     if c.lr <= 0:
         raise ConfigError(f"config key 'lr' must be positive, got {c.lr}")
     if not 0 <= c.momentum < 1:

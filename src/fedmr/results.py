@@ -10,6 +10,9 @@
                                that mean is over, fewer than 5 on a short run), wall time
     <out>/accuracy.png         the accuracy curve (``plot_curves``, the one plot ``compare`` draws too)
     <out>/loss.png             the training loss of every round and the test loss at the evaluations
+    <out>/model.safetensors    the final global model (the recorder writes it)
+    <out>/final-model.safetensors  a study's kept copy of it (``keep_model``: git ignores model.safetensors
+                               under docs/results, not this name)
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ METRIC_COLUMNS = [
 ]
 TRAIN_COLUMNS = ["round", "train_loss", "clients", "rejected", "dropped"]  # train_loss.csv: every round
 CLIENT_FILE_COLUMNS = ["round", "client", "test_samples", "correct", "accuracy"]  # client_accuracy.csv
+MODEL_FILE = "model.safetensors"
+KEPT_MODEL_FILE = "final-model.safetensors"
 LAST_N = 5  # summary.json's mean_last5_accuracy: over the last LAST_N evaluations (all, if fewer)
 MARKER_POINTS = 30  # a curve with at most this many evaluations is drawn with a marker at each
 

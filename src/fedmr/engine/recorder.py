@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,7 +21,16 @@ from ..callbacks import close_callbacks, run_callbacks
 from ..config import RunConfig
 from ..data import IN_MEMORY
 from ..errors import TrainingError
-from ..results import CLIENT_COLUMNS, METRIC_COLUMNS, TRAIN_COLUMNS, RunWriter, setting_title, summarize_metrics, write_plot
+from ..results import (
+    CLIENT_COLUMNS,
+    METRIC_COLUMNS,
+    MODEL_FILE,
+    TRAIN_COLUMNS,
+    RunWriter,
+    setting_title,
+    summarize_metrics,
+    write_plot,
+)
 from ..training import evaluate
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 from .client_eval import spread
@@ -29,6 +39,7 @@ if TYPE_CHECKING:  # the recorder only reads an Experiment
     from .experiment import Experiment
 
 Row = dict[str, Any]
+MODELS = "models"  # <run>/models/round-NNNNNN.safetensors: the global model every save_model_every rounds
 RowCallback = Callable[[Row], None]
 
 
@@ -62,6 +73,10 @@ class Recorder:
       since the run began, resumed runs included).
     * Checkpoints: after every ``checkpoint_every``-th round (0: at every evaluation), after the
       last one, and whenever the front end asks (``force``: a stop signal).
+    * Models over rounds: with ``save_model_every = N``, the global model after every N-th round as
+      ``models/round-NNNNNN.safetensors`` (and, with ``save_pool``, a pool method's K models as
+      ``models/round-NNNNNN-pool.safetensors``, the tensors its checkpoints hold as ``pool.*``), for
+      ``fedmr landscape``; a resumed run writes the rounds it redoes again, with the same values.
     * The end: ``model.safetensors`` (the global model), ``summary.json``, then ``accuracy.png``
       (the accuracy curve, drawn as ``fedmr compare`` draws its curves) and ``loss.png`` (training
       loss every round, test loss at the evaluations); a plot that fails is a logged warning, never a
@@ -172,8 +187,10 @@ class Recorder:
         return spread(tests.accuracies(correct))
 
     def record(self, done: int, round_stats: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Row | None:
-        """After round ``done`` (1-based, whole run): add its traffic to the totals, evaluate when due
-        and write the row; the row or None.  Called once per round."""
+        """After round ``done`` (1-based, whole run): keep the model when ``save_model_every`` says, add
+        the round's traffic to the totals, evaluate when due and write the row; the row or None.
+        Called once per round."""
+        self.save_models(done)
         if self.totals is not None:
             self.totals["down_total_mb"] += float(round_stats.get("down_mb") or 0.0)
             self.totals["up_total_mb"] += float(round_stats.get("up_mb") or 0.0)
@@ -220,6 +237,21 @@ class Recorder:
                 f"client dropped (the warnings above say why: non-finite values from a learning rate too large, "
                 f"NaN in the data or the model?); the run stopped after round {done}{where}")
 
+    def save_models(self, done: int) -> list[Path]:
+        """After round ``done``: the global model (and the pool) under models/ when ``save_model_every`` says."""
+        every = self.cfg.save_model_every
+        if self.writer is None or not every or done % every:
+            return []
+        folder = self.writer.dir / MODELS
+        folder.mkdir(exist_ok=True)
+        written = [folder / f"round-{done:06d}.safetensors"]
+        save_tensors(written[0], self.algorithm.global_state())
+        pool = {k: v for k, v in self.algorithm.server_state().items() if k.startswith("pool.")} if self.cfg.save_pool else {}
+        if pool:
+            written.append(folder / f"round-{done:06d}-pool.safetensors")
+            save_tensors(written[1], pool)
+        return written
+
     def checkpoint(self, done: int, force: bool = False) -> bool:
         """Write the checkpoint after round ``done`` when due (or ``force``d); whether one was written."""
         if not self.checkpoint_due(done, force):
@@ -247,7 +279,7 @@ class Recorder:
         summary = {"algorithm": self.cfg.algorithm, "dataset": self.cfg.dataset, "model": self.exp.model_name,
                    **(summary_extra or {}), **summarize_metrics(self.rows, wall, self.rounds)}
         if self.writer is not None:
-            save_tensors(self.writer.dir / "model.safetensors", self.algorithm.global_state())
+            save_tensors(self.writer.dir / MODEL_FILE, self.algorithm.global_state())
             self.writer.write_summary(summary)
             if "final_accuracy" in summary:  # something to draw
                 write_plot({self.cfg.algorithm: self.rows}, self.writer.dir / "accuracy.png", self.title(),

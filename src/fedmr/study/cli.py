@@ -104,6 +104,19 @@ def _listing(statuses: list[Any], file: str) -> str:
     return "\n".join(lines)
 
 
+def _keep_finished(study: Any, statuses: list[Any]) -> None:
+    """keep_model for cells finished before it was asked for: their own folder's model, copied once."""
+    from .execute import keep_model
+
+    for status in statuses:
+        if status.finished and status.cell.keep_model:
+            problem = keep_model(status.folder) if status.folder.parent == study.output else (
+                f"keep_model: {status.cell.name} is read from {status.folder}, a run outside the study's folder; "
+                "its model is not copied")
+            if problem:
+                print(f"fedmr: warning: {problem}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .execute import Progress, run_here, run_pool, run_ray
     from .index import check_folder, resolve, write_index
@@ -125,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               + "".join(f" --only {shlex.quote(o)}" for o in args.only))
         return 0
     write_index(study, statuses)
+    _keep_finished(study, chosen)
     print(f"{args.file}: {len(statuses)} cells, {len(statuses) - sum(not s.finished for s in statuses)} finished, "
           f"{len(todo)} to run{' (--only)' if args.only else ''}", file=sys.stderr, flush=True)
     by_name = {s.cell.name: i for i, s in enumerate(statuses)}

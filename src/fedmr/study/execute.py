@@ -40,13 +40,32 @@ def late_mean(rows: list[dict[str, Any]], rounds: int, fraction: float, key: str
     return sum(accs) / len(accs) if accs else None
 
 
+def keep_model(folder: Path) -> str | None:
+    """Copy a finished cell's final model.safetensors to final-model.safetensors, the name git does not
+    ignore under docs/results (``keep_model``), once; what is wrong when it cannot, else None."""
+    import shutil
+
+    from ..fileio import atomic_write
+    from ..results import KEPT_MODEL_FILE, MODEL_FILE
+
+    kept, model = folder / KEPT_MODEL_FILE, folder / MODEL_FILE
+    if kept.is_file():
+        return None
+    if not model.is_file():
+        return (f"keep_model: {folder} holds no {MODEL_FILE} (finished elsewhere, or removed); rerun the cell in "
+                "a fresh output folder to keep its model")
+    atomic_write(kept, lambda tmp: shutil.copyfile(model, tmp))
+    return None
+
+
 def run_cell(cfg: RunConfig, folder: Path, progress: str = "none", label: str | None = None,
-             handle_signals: bool = True, late_fraction: float = 0.2) -> CellResult:
+             handle_signals: bool = True, late_fraction: float = 0.2, keep: bool = False) -> CellResult:
     """Run (or resume) one cell in ``folder``; with ``handle_signals`` a SIGINT/SIGTERM finishes the
     round, writes a checkpoint and returns ``stopped``, as ``fedmr run`` does.  The cell parks itself
     (``parking.park``) after each checkpoint of ``PARK_EVERY`` rounds or more since the last, and
     after the one a signal forces, so a sitting killed at any moment loses at most that many rounds
-    of what is committed; a finished cell removes its ``parked/``."""
+    of what is committed; a finished cell removes its ``parked/``.  ``keep``: keep the final model
+    (``keep_model``)."""
     import contextlib
 
     from ..engine import Simulation, prepare
@@ -70,6 +89,10 @@ def run_cell(cfg: RunConfig, folder: Path, progress: str = "none", label: str | 
     if outcome.stopped_after is not None:
         return CellResult(folder.name, int(simulation.stop_requested) or signal.SIGTERM, seconds, {})
     park(folder, finished=True)
+    if keep:
+        problem = keep_model(folder)
+        if problem:
+            print(f"fedmr: warning: {problem}", file=sys.stderr)
     return CellResult(folder.name, 0, seconds, outcome.summary, late_mean(outcome.rows, cfg.rounds, late_fraction))
 
 
@@ -117,7 +140,8 @@ def run_here(todo: list[Status], progress: Progress, on_done: Callable[[Status, 
              bar: str, late_fraction: float) -> int:
     """Returns the signal that stopped the study, or 0."""
     for status in todo:
-        result = run_cell(status.cell.cfg, status.folder, bar, status.cell.name, late_fraction=late_fraction)
+        result = run_cell(status.cell.cfg, status.folder, bar, status.cell.name, late_fraction=late_fraction,
+                          keep=status.cell.keep_model)
         if result.stopped:
             return result.stopped
         progress.finished(result)
@@ -147,8 +171,8 @@ def _pool_init(slots: Any, parent: int) -> None:
     torch.set_num_threads(len(cores))
 
 
-def _pool_cell(cfg: RunConfig, folder: str, late_fraction: float) -> CellResult:
-    return run_cell(cfg, Path(folder), "none", late_fraction=late_fraction)
+def _pool_cell(cfg: RunConfig, folder: str, late_fraction: float, keep: bool) -> CellResult:
+    return run_cell(cfg, Path(folder), "none", late_fraction=late_fraction, keep=keep)
 
 
 def run_pool(todo: list[Status], jobs: int, progress: Progress, on_done: Callable[[Status, CellResult], None],
@@ -177,7 +201,8 @@ def run_pool(todo: list[Status], jobs: int, progress: Progress, on_done: Callabl
             while queue or running:
                 while queue and len(running) < jobs and not stop["signal"]:
                     status = queue.pop(0)
-                    running[pool.submit(_pool_cell, status.cell.cfg, str(status.folder), late_fraction)] = status
+                    running[pool.submit(_pool_cell, status.cell.cfg, str(status.folder), late_fraction,
+                                        status.cell.keep_model)] = status
                 if not running:
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -198,14 +223,15 @@ def run_pool(todo: list[Status], jobs: int, progress: Progress, on_done: Callabl
 
 
 # ---- Ray tasks ------------------------------------------------------------------------------------------
-def _ray_cell(cfg: RunConfig, folder: str, cwd: str, cpus: int, late_fraction: float) -> CellResult:
+def _ray_cell(cfg: RunConfig, folder: str, cwd: str, cpus: int, late_fraction: float, keep: bool) -> CellResult:
     """A Ray task: the study's paths are relative to the driver's directory, which every node must see
     at the same path (a shared folder); a retried task resumes from the cell's last checkpoint."""
     import torch
 
     os.chdir(cwd)
     torch.set_num_threads(cpus)
-    return run_cell(cfg.replace(workers=1), Path(folder), "none", handle_signals=False, late_fraction=late_fraction)
+    return run_cell(cfg.replace(workers=1), Path(folder), "none", handle_signals=False, late_fraction=late_fraction,
+                    keep=keep)
 
 
 def run_ray(todo: list[Status], address: str, cpus: int, retries: int, progress: Progress,
@@ -223,7 +249,7 @@ def run_ray(todo: list[Status], address: str, cpus: int, retries: int, progress:
         progress.parallel = max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus)  # for the estimate
         task = ray.remote(num_cpus=cpus, max_retries=retries, retry_exceptions=True)(_ray_cell)
         cwd = os.getcwd()
-        pending = {task.remote(s.cell.cfg, str(s.folder), cwd, cpus, late_fraction): s for s in todo}
+        pending = {task.remote(s.cell.cfg, str(s.folder), cwd, cpus, late_fraction, s.cell.keep_model): s for s in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             status = pending.pop(ready[0])

@@ -622,6 +622,9 @@ class Page:
         self.header()
         self.main()
         self.other_sections()
+        from .flatness import Flatness  # nothing without landscape files in the cells' folders
+
+        Flatness(self).render()
         self.verdict_section()
         self.missing()
         self.folders()

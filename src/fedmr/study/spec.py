@@ -3,10 +3,13 @@
     [study]                      where things go (paths relative to the directory you run from)
     output = "docs/results/cifar10-cnn-study"   the cells' run folders, cells.json, plots
     reuse = ["docs/results"]     folders searched for finished runs equal to a cell (default)
+    landscape = ["docs/results/x"]  folders with reruns of cells whose fedmr landscape files the page reads
     report = "docs/results/README.md"
     [base]                       a fedmr config (any key of `fedmr run --config`)
     [[grid]]                     one block of cells: the product of its lists, in file order
     priority = 1                 (optional, default 1) run order, and how the report groups what is missing
+    keep_model = true            (optional; also in [study] for every cell) keep the final global model as
+                                 final-model.safetensors, which git does not ignore (for fedmr landscape)
     section = "main"             (optional) "main" is the methods x heterogeneity table; others get a table each
     algorithm = ["fedavg", "fedmr@first_stage_rounds=50"]     `compare`'s NAME@KEY=VALUE variants
     seed = [1, 2]                any config key ("fedmr.block_fraction" for an algorithm option)
@@ -33,8 +36,8 @@ from ..engine.checkpoint import RESUMABLE_CHANGES
 from ..errors import ConfigError
 
 STUDY_KEYS = {"title", "output", "reuse", "report", "baseline", "contrasts", "late_fraction", "thresholds",
-              "tie_margin", "description"}
-BLOCK_KEYS = {"priority", "section", "title"}
+              "tie_margin", "description", "keep_model", "landscape"}
+BLOCK_KEYS = {"priority", "section", "title", "keep_model"}
 # Keys that say how or where a run computes, never what it computes: ignored when a cell is matched to
 # a finished run.  The resumable changes minus rounds (a run's length is checked on its summary) and
 # client_timeout (which can drop clients).
@@ -49,6 +52,7 @@ class Membership:
     section: str
     title: str
     settings: dict[str, Any]  # dotted key -> value; "algorithm" keeps the variant string
+    keep_model: bool = False  # keep the final model as final-model.safetensors (committed; model.safetensors is not)
 
     @property
     def method(self) -> str:
@@ -64,6 +68,10 @@ class Cell:
     @property
     def priority(self) -> int:
         return min(m.priority for m in self.memberships)
+
+    @property
+    def keep_model(self) -> bool:
+        return any(m.keep_model for m in self.memberships)
 
 
 @dataclass
@@ -195,6 +203,9 @@ def _block_cells(block: Mapping[str, Any], where: str) -> tuple[Membership, list
     title = block.get("title", section)
     if not isinstance(section, str) or not isinstance(title, str):
         raise ConfigError(f"{where}: 'section' and 'title' must be strings")
+    keep = block.get("keep_model", False)
+    if not isinstance(keep, bool):
+        raise ConfigError(f"{where}: 'keep_model' must be true or false, got {keep!r}")
     axes: list[list[dict[str, Any]]] = []
     for key, values in block.items():
         if key in BLOCK_KEYS:
@@ -212,7 +223,7 @@ def _block_cells(block: Mapping[str, Any], where: str) -> tuple[Membership, list
             else:
                 axes.append([{name: v} for v in vals])
     combos = [dict(kv for part in combo for kv in part.items()) for combo in itertools.product(*axes)]
-    return Membership(priority, section, title, {}), combos
+    return Membership(priority, section, title, {}, keep), combos
 
 
 def _single_cell(table: Mapping[str, Any], where: str) -> tuple[Membership, list[dict[str, Any]]]:
@@ -250,6 +261,12 @@ def load_study(path: str | Path) -> Study:
     options.setdefault("thresholds", [0.4, 0.5])
     options.setdefault("tie_margin", 1.0)
     options.setdefault("description", "")
+    options.setdefault("keep_model", False)
+    options.setdefault("landscape", [])
+    if isinstance(options["landscape"], str) or not isinstance(options["landscape"], list):
+        raise ConfigError(f"study {path}: 'study.landscape' must be a list of folders")
+    if not isinstance(options["keep_model"], bool):
+        raise ConfigError(f"study {path}: 'study.keep_model' must be true or false, got {options['keep_model']!r}")
     if not 0 < options["late_fraction"] <= 1:
         raise ConfigError(f"study {path}: 'study.late_fraction' must be in (0, 1], got {options['late_fraction']!r}")
     if isinstance(options["reuse"], str) or not isinstance(options["reuse"], list):
@@ -279,7 +296,8 @@ def load_study(path: str | Path) -> Study:
                 shown = ", ".join(f"{k} = {v!r}" for k, v in settings.items())
                 raise ConfigError(f"{where}, cell {shown}: {exc}") from None
             key = json.dumps(result_config(cfg), sort_keys=True) + f"|rounds={cfg.rounds}"
-            entry = Membership(membership.priority, membership.section, membership.title, settings)
+            entry = Membership(membership.priority, membership.section, membership.title, settings,
+                               membership.keep_model or options["keep_model"])
             if key not in cells:
                 name = cell_name(settings)
                 if name in names:

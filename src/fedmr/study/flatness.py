@@ -1,0 +1,391 @@
+"""The results page's section "Flatness (the paper's argument)", from the ``fedmr landscape`` files in the
+cells' folders (docs/landscape.md); without any, the section is not there and the page is unchanged.
+
+Read per finished cell:
+
+* ``landscape.json`` (its final model): top Hessian eigenvalue, trace ± standard error, training loss
+  on the measured subset, test accuracy, the 1-D curves;
+* ``landscape-path-<other cell>.json``: the straight line from this cell's final model to another's;
+* ``models/round-NNNNNN-landscape.json`` (``save_model_every``): the top eigenvalue over the rounds;
+* ``models/round-NNNNNN-pool*-path-*.json`` (two members of one saved pool): the barrier over rounds.
+
+A cell whose own folder holds none is read from a rerun of it (a finished run with the same config on
+every key that changes results, as the study's ``reuse`` matches them) under the folders ``[study]
+landscape`` names: so a study's finished cells can be rerun elsewhere, keeping their models, and
+measured there.
+
+The reading in words follows rules stated on the page: a model is *flatter* than another when both its
+top eigenvalue and its trace are lower (the trace by more than two combined standard errors; with no
+trace, the eigenvalue alone), *sharper* when both are higher, otherwise the two measures disagree.
+Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
+accuracy across the methods measured at one heterogeneity level (three or more methods).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# report.Page hands itself over (``page``) with its report.Entry objects; typed as Any, since report.py
+# imports this module and the package's imports form no circle (tests/test_architecture.py)
+Page = Any
+Entry = Any
+
+BASIN = 0.01  # a line whose loss stays within 1% (of the ends' mean loss) of the chord reads as one basin
+_ROUND = re.compile(r"^round-(\d+)")
+_GLOBAL_ROUND = re.compile(r"^round-(\d+)-landscape\.json$")  # the global model saved after a round
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@dataclass
+class Measured:
+    """One finished cell's landscape files."""
+
+    entry: Entry
+    folder: Path  # where the files are: the cell's run folder or a rerun of it
+    final: dict[str, Any]
+    paths: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (other run folder's name, document)
+    eigen_rounds: list[tuple[int, float]] = field(default_factory=list)
+    # (round, barrier, barrier above the chord (the barrier where a file predates it), the ends' mean loss)
+    pool_barriers: list[tuple[int, float, float, float]] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        """The cell's method as the page names it, without the settings that change no result
+        (``save_model_every``, ``save_pool``: a rerun that keeps its models is the same method)."""
+        from .spec import NOT_RESULTS
+
+        e = self.entry
+        others = [f"{k}={v}" for k, v in e.membership.settings.items()
+                  if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
+        return e.variant + (f" ({', '.join(others)})" if others else "")
+
+    @property
+    def eigen(self) -> float | None:
+        return self.final.get("eigen", {}).get("top_eigenvalue")
+
+    @property
+    def trace(self) -> tuple[float, float] | None:
+        t = self.final.get("trace")
+        if not t:
+            return None
+        error = t.get("standard_error")
+        return float(t["trace"]), math.nan if error is None else float(error)  # null: one vector, no error
+
+    @property
+    def accuracy(self) -> float | None:
+        """The test accuracy of the measured model; the run's last evaluation where the file has none."""
+        if "test" in self.final:
+            return float(self.final["test"]["accuracy"])
+        rows = self.entry.rows
+        return rows[-1]["accuracy"] if rows else None
+
+
+def _measured_folder(folders: Sequence[Path]) -> tuple[Path, dict[str, Any] | None, list[Path]] | None:
+    """The first of ``folders`` that holds landscape files: (it, its landscape.json, its over-rounds files)."""
+    for folder in folders:
+        final = _read(folder / "landscape.json")
+        models = folder / "models"
+        rounds = sorted(p for p in models.glob("round-*-landscape.json") if _GLOBAL_ROUND.match(p.name)) \
+            if models.is_dir() else []
+        if final is not None or rounds:
+            return folder, final, rounds
+    return None
+
+
+def collect(entries: Sequence[Entry], reruns: Sequence[Path] = ()) -> list[Measured]:
+    """Each finished cell's landscape files: in its own run folder, or else in a rerun of it (an equal
+    finished run, as the study's reuse matches them) under the ``reruns`` folders ([study] landscape)."""
+    from .index import RunFinder
+
+    finder = RunFinder(list(reruns)) if reruns else None
+    found: dict[str, Measured] = {}
+    for e in entries:
+        if e.stats is None or e.status.cell.name in found:
+            continue
+        again = finder.runs.get(finder.key(e.status.cell.cfg, e.status.cell.cfg.rounds), []) if finder else []
+        held = _measured_folder([e.status.folder, *again])
+        if held is None:
+            continue
+        folder, final, rounds = held
+        models = folder / "models"
+        m = Measured(e, folder, final or {})
+        for path in sorted(folder.glob("landscape-path-*.json")):
+            doc = _read(path)
+            if doc and "path" in doc and len(doc.get("models", [])) == 2:
+                m.paths.append((Path(str(doc["models"][1]["run"])).name, doc))
+        for path in rounds:
+            doc, match = _read(path), _GLOBAL_ROUND.match(path.name)
+            if doc and match and "eigen" in doc:
+                m.eigen_rounds.append((int(match.group(1)), float(doc["eigen"]["top_eigenvalue"])))
+        for path in sorted(models.glob("round-*-path-*.json")) if models.is_dir() else []:
+            doc, match = _read(path), _ROUND.match(path.name)
+            if doc and match and "path" in doc and doc["models"][0]["input"].split("@")[0] == \
+                    doc["models"][1]["input"].split("@")[0]:  # two members of one pool
+                path_ = doc["path"]
+                m.pool_barriers.append((int(match.group(1)), float(path_["barrier"]),
+                                        float(path_.get("barrier_linear", path_["barrier"])), float(path_["ends_mean_loss"])))
+        found[e.status.cell.name] = m
+    return list(found.values())
+
+
+def _g(x: float | None, digits: int = 4) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def compare(a: Measured, b: Measured) -> str:
+    """How ``a``'s flatness reads against ``b``'s, by the rules in the module's docstring."""
+    ea, eb = a.eigen, b.eigen
+    if ea is None or eb is None:
+        return "not measured"
+    eigen = -1 if ea < eb else 1 if ea > eb else 0
+    ta, tb = a.trace, b.trace
+    if ta is None or tb is None:
+        trace = eigen
+    else:
+        margin = 2 * math.sqrt(ta[1] ** 2 + tb[1] ** 2) if not (math.isnan(ta[1]) or math.isnan(tb[1])) else 0.0
+        trace = -1 if ta[0] < tb[0] - margin else 1 if ta[0] > tb[0] + margin else 0
+    if eigen < 0 and trace < 0:
+        return "flatter"
+    if eigen > 0 and trace > 0:
+        return "sharper"
+    return "mixed"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f} times" if b else "against 0"
+
+
+class Flatness:
+    """Renders the section onto ``page`` (a ``report.Page``)."""
+
+    def __init__(self, page: Page):
+        self.page = page
+        self.baseline = str(page.o["baseline"])
+        self.measured = collect(page.entries, [Path(p) for p in page.o.get("landscape", [])])
+
+    def render(self) -> None:
+        if not self.measured:
+            return
+        p = self.page
+        p.add("## Flatness (the paper's argument)", "",
+              "The paper explains FedMR's gain by geometry: recombined models land in flat regions of the loss "
+              "surface, FedAvg's average in sharp ones. Measured with `fedmr landscape` (see "
+              "[docs/landscape.md](" + _docs_link(p) + ")) on each model's training loss over a fixed, seeded "
+              "subset of the run's training data, the model in evaluation mode (BatchNorm with its running "
+              "statistics): the top eigenvalue of the Hessian (power iteration) and its trace (Hutchinson, ± "
+              "standard error), the lower the flatter. Rules of the reading: a model is *flatter* than another when "
+              "both its top eigenvalue and its trace are lower (the trace by more than two combined standard errors), "
+              "*sharper* when both are higher, otherwise the measures disagree.", "")
+        self.table()
+        self.reading()
+        self.curves()
+        self.paths()
+        self.over_rounds()
+
+    def table(self) -> None:
+        rows = []
+        for m in sorted(self.measured, key=lambda m: (m.entry.het, m.method, m.entry.seed)):
+            f = m.final
+            trace = (_g(m.trace[0]) + ("" if math.isnan(m.trace[1]) else f" ± {_g(m.trace[1], 2)}")) if m.trace else ""
+            train = f.get("train", {})
+            samples = f.get("data", {}).get("samples")
+            eigen = _g(m.eigen) + ("" if f.get("eigen", {}).get("converged", True) else " (not converged)")
+            rows.append([m.method, m.entry.het, str(m.entry.seed), eigen, trace,
+                         f"{train['loss']:.4f}" if "loss" in train else "",
+                         f"{100 * m.accuracy:.2f}" if m.accuracy is not None else "", str(samples or "")])
+        if rows:
+            self.page.add(*_table(["method", "heterogeneity", "seed", "top eigenvalue", "trace ± SE", "training loss",
+                                   "test accuracy (%)", "samples"], rows))
+
+    def _by_het(self) -> dict[str, list[Measured]]:
+        out: dict[str, list[Measured]] = {}
+        for m in self.measured:
+            if m.final:
+                out.setdefault(m.entry.het, []).append(m)
+        return out
+
+    def reading(self) -> None:
+        lines = []
+        for het, group in self._by_het().items():
+            for seed in sorted({m.entry.seed for m in group}):
+                here = {m.method: m for m in group if m.entry.seed == seed}
+                base = here.get(self.baseline)
+                if base is None or base.eigen is None:
+                    continue
+                for method, m in here.items():
+                    if method == self.baseline or not method.startswith("fedmr") or m.eigen is None:
+                        continue
+                    lines.append(f"- {het}, seed {seed}: " + self._pair(method, m, base))
+            lines += self._accuracy_relation(het, group)
+        if lines:
+            self.page.add("**Reading.**", "", *lines, "")
+
+    def _pair(self, method: str, m: Measured, base: Measured) -> str:
+        verdict = compare(m, base)
+        assert m.eigen is not None and base.eigen is not None
+        numbers = f"top eigenvalue {_g(m.eigen)} against {_g(base.eigen)} ({_ratio(m.eigen, base.eigen)} {self.baseline}'s)"
+        if m.trace and base.trace:
+            numbers += f", trace {_g(m.trace[0])} ± {_g(m.trace[1], 2)} against {_g(base.trace[0])} ± {_g(base.trace[1], 2)}"
+        if verdict == "flatter":
+            return f"{method}'s global model is **flatter** than {self.baseline}'s: {numbers}."
+        if verdict == "sharper":
+            return f"{method}'s global model is **not flatter** than {self.baseline}'s, it is sharper: {numbers}."
+        return f"{method}'s global model is **not clearly flatter** than {self.baseline}'s (the measures disagree): {numbers}."
+
+    def _accuracy_relation(self, het: str, group: Sequence[Measured]) -> list[str]:
+        pairs = [(m.eigen, m.accuracy) for m in group if m.eigen is not None and m.accuracy is not None]
+        if len({m.method for m in group}) < 3 or len(pairs) < 3:
+            return [f"- {het}: too few methods measured ({len(pairs)}) to say whether flatness goes with accuracy."]
+        from scipy import stats
+
+        rho = float(stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+        if math.isnan(rho):
+            return [f"- {het}: the {len(pairs)} measured models tie in eigenvalue or accuracy; no relation to read."]
+        if rho <= -0.5:
+            what = "the flatter models are the more accurate ones"
+        elif rho >= 0.5:
+            what = "the sharper models are the more accurate ones: flatness does not explain accuracy here"
+        else:
+            what = "no clear relation between flatness and accuracy"
+        return [f"- {het}: across {len(pairs)} measured models, Spearman's rank correlation of the top eigenvalue "
+                f"with test accuracy is {rho:+.2f}: {what}."]
+
+    def curves(self) -> None:
+        for het, group in self._by_het().items():
+            curves = {f"{m.method} (seed {m.entry.seed})": m.final["curve_1d"] for m in
+                      sorted(group, key=lambda m: (m.method != self.baseline, m.method, m.entry.seed))
+                      if "curve_1d" in m.final}
+            if curves:
+                self._figure("1d", het, f"1-D loss curves along filter-normalised random directions, {het}",
+                             lambda path, c=curves, h=het: _draw("curves", c, path, f"training loss, {h}"))
+
+    def paths(self) -> None:
+        by_folder = {m.folder.name: m for m in self.measured}
+        rows: list[list[str]] = []
+        drawn: dict[str, dict[str, Any]] = {}
+        for m in self.measured:
+            for other, doc in m.paths:
+                end = by_folder.get(other)
+                label = f"{m.method} -> {end.method if end else other}"
+                path = doc["path"]
+                chord = f"{path['barrier_linear']:.4f}" if "barrier_linear" in path else ""
+                rows.append([m.entry.het, str(m.entry.seed), label, f"{path['loss'][0]:.4f}", f"{path['loss'][-1]:.4f}",
+                             f"{max(path['loss']):.4f} (t = {path['barrier_at']:g})", f"{path['barrier']:.4f}", chord])
+                drawn.setdefault(m.entry.het, {})[f"{label} (seed {m.entry.seed})"] = path
+        if not rows:
+            return
+        self.page.add("Straight line between two final models (training loss on the subset; the barrier is the "
+                      "highest loss on the line minus the mean of the two ends' losses; above the chord: the highest "
+                      "loss minus the straight line between the ends' losses, 0 when the loss never rises above it):", "")
+        self.page.add(*_table(["heterogeneity", "seed", "from -> to", "loss at t = 0", "loss at t = 1", "highest",
+                               "barrier", "above the chord"], sorted(rows)))
+        for het, paths in drawn.items():
+            self._figure("path", het, f"Straight line between final models, {het}",
+                         lambda out, p=paths, h=het: _draw("paths", p, out, f"straight line, {h}"))
+
+    def over_rounds(self) -> None:
+        series = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.eigen_rounds)
+                  for m in self.measured if m.eigen_rounds}
+        barriers = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.pool_barriers)
+                    for m in self.measured if m.pool_barriers}
+        if not series and not barriers:
+            return
+        switch = sorted({int(m.entry.status.cell.cfg.section("fedmr")["first_stage_rounds"]) for m in self.measured
+                         if m.entry.status.cell.cfg.algorithm == "fedmr" and m.eigen_rounds} - {0})
+        mark = float(switch[0]) if switch else None
+        lines = []
+        if series:
+            self._figure("rounds", "", "Top Hessian eigenvalue of the global model over the rounds",
+                         lambda out: _draw("rounds", series, out, "top eigenvalue over the rounds",
+                                           "top Hessian eigenvalue", mark, "two-stage switch" if mark else ""))
+            lines += self._diverge(series)
+        if barriers:
+            points = {f"{k}: {what}": [(v[0], v[i]) for v in values] for k, values in barriers.items()
+                      for i, what in ((1, "above the ends' mean"), (2, "above the chord"))}
+            self._figure("pool-barrier", "", "Barrier between two members of FedMR's pool over the rounds",
+                         lambda out: _draw("rounds", points, out, "barrier between two pool members",
+                                           "barrier (training loss)", mark, "two-stage switch" if mark else ""))
+            for label, values in barriers.items():
+                basin = next((r for i, (r, *_) in enumerate(values)
+                              if all(c <= BASIN * e for _, _, c, e in values[i:])), None)
+                where = (f"the loss on the line stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
+                         f"from round {basin} on" if basin is not None else
+                         f"the loss on the line rises more than {100 * BASIN:g}% above the chord up to the last measured "
+                         "round: the members are in separate basins")
+                lines.append(f"- {label}: the barrier between two pool members (highest loss above the ends' mean) goes "
+                             f"from {values[0][1]:.4f} (round {values[0][0]}) to {values[-1][1]:.4f} (round "
+                             f"{values[-1][0]}); {where}.")
+        if lines:
+            self.page.add(*lines, "")
+
+    def _diverge(self, series: dict[str, list[tuple[int, float]]]) -> list[str]:
+        base = [k for k in series if k.startswith(f"{self.baseline} (")]
+        lines = []
+        for b in base:
+            context = b[len(self.baseline):]
+            for label, values in series.items():
+                if label == b or not label.endswith(context) or not label.startswith("fedmr"):
+                    continue
+                theirs = dict(series[b])
+                common = [(r, v, theirs[r]) for r, v in values if r in theirs]
+                if not common:
+                    continue
+                below = next((r for i, (r, _, _) in enumerate(common) if all(v < w for _, v, w in common[i:])), None)
+                method = label[:-len(context)]
+                last = f"at round {common[-1][0]}: {_g(common[-1][1])} against {_g(common[-1][2])}"
+                if below is None:
+                    lines.append(f"- {method}{context}: its top eigenvalue does not stay below {self.baseline}'s over "
+                                 f"rounds {common[0][0]}-{common[-1][0]} ({last}).")
+                else:
+                    lines.append(f"- {method}{context}: its top eigenvalue is below {self.baseline}'s from round {below} "
+                                 f"on ({last}).")
+        return lines
+
+    def _figure(self, kind: str, het: str, alt: str, draw: Any) -> None:
+        p = self.page
+        name = f"flatness-{kind}" + (f"-{het.replace(' ', '')}" if het else "")
+        path = p.plots / f"{name}.png"
+        if p.draw:
+            draw(path)
+            p.drawn.add(path)
+        p.add(f"![{alt}]({_link(path, p.page_dir)})", "")
+
+
+def _draw(kind: str, *args: Any) -> None:
+    from ..landscape import plots
+
+    draw: Any = {"curves": plots.draw_curves_1d, "paths": plots.draw_paths, "rounds": plots.draw_over_rounds}[kind]
+    draw(*args)
+
+
+def _docs_link(page: Page) -> str:
+    """docs/landscape.md relative to the page (the repository's docs/, above the study's output)."""
+    here = page.page_dir.resolve()
+    for place in [here, *here.parents]:
+        if (place / "docs" / "landscape.md").is_file():
+            return _link(place / "docs" / "landscape.md", page.page_dir)
+    return "docs/landscape.md"
+
+
+def _link(target: Path, page_dir: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(target, page_dir)).as_posix()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    marks = ["---"] * 3 + ["---:"] * (len(header) - 3)
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(marks) + "|", *("| " + " | ".join(r) + " |" for r in rows), ""]
