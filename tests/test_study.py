@@ -349,3 +349,17 @@ def test_keep_model_keeps_the_final_model_under_a_name_git_does_not_ignore(tmp_p
     path.write_text(text.replace('title = "tiny"', 'title = "tiny"\nkeep_model = 1'))
     assert main(["study", "run", str(path), "--dry-run"]) == 2
     assert "'study.keep_model' must be true or false, got 1" in capsys.readouterr().err
+
+
+def test_study_run_set_changes_only_how_cells_compute(tmp_path, monkeypatch, capsys):
+    """`--set` takes the keys that say how and where a cell computes (the cell and its folder stay the
+    same: the run's config.toml records the setting); any other key is one error line."""
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path)
+    assert main(["study", "run", "study.toml", "--quiet", "--set", "lr=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fedmr: error: study run --set takes only keys that say how and where a cell computes (device, "
+                   "workers, vectorize, vectorize_memory_gb, data_dir, cache_dir), got 'lr'"]
+    assert not (tmp_path / "out" / "study" / CELLS[0]).exists()
+    assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedavg", "--set", "vectorize=true"]) == 0
+    assert "vectorize = true" in (tmp_path / "out" / "study" / CELLS[0] / "config.toml").read_text()
