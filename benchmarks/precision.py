@@ -12,6 +12,7 @@ alternated rep by rep so that a drifting machine slows them alike:
 The fastest of the last two is the "fastest faithful" one; the last lines are
 ``ratio resnet20: N.Nx`` and ``ratio cnn: N.Nx`` (today's s/round over that one's).
 
+``--models vgg16`` adds VGG-16 scaled to 2 clients x 1 epoch x 100 samples (its page faults).
 ResNet-20 is scaled to 1 local epoch (10 clients x 1 epoch x 500 samples, batch 50: 100 steps, a
 fifth of the paper's round) for time; the printed paper-round estimate is 5x that.  The CNN runs the
 paper's round (10 clients x 5 epochs x 500 samples).  Each row also gives the minor page faults and
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 
 from benchmarks.workloads import Round, cifar_dataset, cifar_like, median, timed, training_flops_per_sample  # noqa: E402
 
-WORK = {"resnet20": Round(epochs=1), "cnn": Round()}
+WORK = {"resnet20": Round(epochs=1), "cnn": Round(), "vgg16": Round(clients=2, epochs=1, samples=100)}
 PAPER_EPOCHS = 5
 CONFIGS = {"fp32 today": ("fp32", "system"), "fp32 kept": ("fp32", "kept"), "bf16 kept": ("bf16", "kept")}
 
@@ -111,7 +112,8 @@ def child(model: str, precision: str, reps: int, device: str) -> None:
         times = [timed(lambda r=r: sim.run_round(r)) for r in range(1, reps + 1)]
     finally:
         sim.runner.close()
-    faults, system_ms = step_counts(model, precision) if device == "cpu" else (float("nan"), float("nan"))
+    steps = 5 if model == "vgg16" else 20
+    faults, system_ms = step_counts(model, precision, steps) if device == "cpu" else (float("nan"), float("nan"))
     print(json.dumps({"times": times, "faults": faults, "system_ms": system_ms}))
 
 
