@@ -36,4 +36,4 @@ def test_the_verdict_per_model_says_safe_only_when_every_pair_holds():
     text = "\n".join(section([good, bad, waiting], "401-500", ""))
     assert "- bf16 for the cnn: **not safe**" in text
     assert "- bf16 for the resnet20: not yet shown" in text
-    assert "- bf16 for the cnn: **safe** by these checks (1 pair within" in "\n".join(section([good], "401-500", ""))
+    assert "- bf16 for the cnn: **safe** by these checks (1 pair within its rule)" in "\n".join(section([good], "401-500", ""))

@@ -42,6 +42,12 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager[obj
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def full_precision(loss: torch.Tensor) -> torch.Tensor:
+    """A loss computed under autocast, in fp32 (a bf16 loss would round the sum); any other dtype
+    (fp32, or the float64 of a reference run) as it is."""
+    return loss.float() if loss.dtype in (torch.bfloat16, torch.float16) else loss
+
+
 def bf16_is_native(device: torch.device) -> bool:
     """Whether this device computes bf16 in hardware (else autocast emulates it, slower than fp32)."""
     if device.type == "cuda":
@@ -86,7 +92,7 @@ def train_sgd(
             # gather, 6 MB for 500 CIFAR images, does not)
             idx = order[part]
             with autocast(settings.precision, y.device):
-                loss = loss_fn(model, x[idx], y[idx]).float()
+                loss = full_precision(loss_fn(model, x[idx], y[idx]))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             if after_backward is not None:

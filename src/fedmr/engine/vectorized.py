@@ -51,7 +51,7 @@ from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..allocator import keep_freed_memory
 from ..errors import ConfigError
 from ..seeding import derive_seed, torch_generator
-from ..training import LocalSettings, autocast, batch_slices
+from ..training import LocalSettings, autocast, batch_slices, full_precision
 from .client import ClientData
 
 log = logging.getLogger("fedmr")
@@ -232,11 +232,11 @@ class BatchedTrainer:
 
     def _loss(self, params, buffers, x, y, masks):
         with autocast(self.settings.precision, self.device):
-            return F.cross_entropy(self._logits(params, buffers, x, masks), y).float()
+            return full_precision(F.cross_entropy(self._logits(params, buffers, x, masks), y))
 
     def _weighted_loss(self, params, buffers, x, y, w, masks):
         with autocast(self.settings.precision, self.device):
-            losses = F.cross_entropy(self._logits(params, buffers, x, masks), y, reduction="none").float()
+            losses = full_precision(F.cross_entropy(self._logits(params, buffers, x, masks), y, reduction="none"))
         return (losses * w).sum() / w.sum()
 
     # ---- a round ----------------------------------------------------------------------------

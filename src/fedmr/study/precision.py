@@ -81,7 +81,8 @@ def section(pairs: Sequence[Pair], window: str, native: str) -> list[str]:
         if any(ok is False for ok in oks):
             word = "**not safe**: at least one pair misses its rule (see the table)"
         elif all(ok for ok in oks):
-            word = f"**safe** by these checks ({len(oks)} pair{'s' if len(oks) > 1 else ''} within their rules)"
+            word = (f"**safe** by these checks ({len(oks)} pair{'s' if len(oks) > 1 else ''} within "
+                    f"{'their rules' if len(oks) > 1 else 'its rule'})")
         else:
             done = sum(ok is True for ok in oks)
             word = f"not yet shown: {done} of {len(oks)} pairs measurable and within their rules, none outside"

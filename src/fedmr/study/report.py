@@ -134,6 +134,13 @@ class Entry:
 
 
 # ---- numbers ------------------------------------------------------------------------------------------
+def _seconds_per_round(rows: Sequence[dict[str, float]]) -> str:
+    last = rows[-1] if rows else None
+    if not last or not last.get("elapsed_s") or math.isnan(float(last["elapsed_s"])):
+        return ""
+    return f"{float(last['elapsed_s']) / float(last['round']):.0f}"
+
+
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
     """Student-t interval of the mean (None below three values, where it says little)."""
     if len(values) < 3:
@@ -551,9 +558,12 @@ class Page:
                  "rounds to an accuracy: the first evaluated round at or above it (\"not yet\" for a partial cell, "
                  "\"never\" for a finished one).", "")
         rows = [[e.variant, e.state, *["" if m is None else pct(m) for m in block],
-                 *[self._reach_long(e, t) for t in LONG_THRESHOLDS]] for e, block in zip(entries, means)]
+                 *[self._reach_long(e, t) for t in LONG_THRESHOLDS], _seconds_per_round(e.rows)]
+                for e, block in zip(entries, means)]
         self.add(*table(["method", "state", *[f"mean {b}" for b in blocks],
-                          *[f"round to {100 * t:g}%" for t in LONG_THRESHOLDS]], rows))
+                          *[f"round to {100 * t:g}%" for t in LONG_THRESHOLDS], "s/round"], rows))
+        self.add("s/round: the run's own clock (`elapsed_s` of its last row over its rounds), on whatever machine ran "
+                 "each part of it and however shared it was; the cell's config says its precision.", "")
         base = next((block for e, block in zip(entries, means) if e.variant == baseline), None)
         leads = [[f"{e.variant} - {baseline}", *["" if a is None or b is None else points(a - b) for a, b in zip(block, base)]]
                  for e, block in zip(entries, means) if e.variant.startswith("fedmr") and base is not None]
