@@ -15,3 +15,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_data_loading(monkeypatch):
+    """Fail the test if any data set is loaded: the checks must come first."""
+    def refuse(cfg):
+        raise AssertionError("data were loaded before the bad input was reported")
+
+    import fedmr.engine.experiment as experiment  # where prepare() loads the data
+
+    monkeypatch.setattr(experiment, "load_dataset", refuse)

@@ -34,17 +34,6 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def no_data_loading(monkeypatch):
-    """Fail the test if any data set is loaded: the checks must come first."""
-    def refuse(cfg):
-        raise AssertionError("data were loaded before the bad input was reported")
-
-    import fedmr.engine.experiment as experiment  # where prepare() loads the data
-
-    monkeypatch.setattr(experiment, "load_dataset", refuse)
-
-
 # ---- output folders ----------------------------------------------------------------------------------
 def bad_outputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     a_file = tmp_path / "a-file"
@@ -282,12 +271,14 @@ def test_the_printed_resume_command_works_in_a_new_shell_for_a_plugin_run(loader
     fedmr_bin = Path(sys.executable).parent / "fedmr"
     if not fedmr_bin.exists():
         pytest.skip(f"no fedmr console script beside {sys.executable}")
-    done = subprocess.run(["bash", "-c", f"{command} --set rounds=12 --quiet"], cwd=work, env=clean,
+    # a few rounds past where the SIGTERM stopped it (a quiet machine gets further in the polling interval)
+    stopped = max(int(p.name[6:12]) for p in (work / "r" / "checkpoints").glob("round-*.json"))
+    done = subprocess.run(["bash", "-c", f"{command} --set rounds={stopped + 2} --quiet"], cwd=work, env=clean,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert json.loads((work / "r" / "summary.json").read_text())["rounds"] == 12
+    assert json.loads((work / "r" / "summary.json").read_text())["rounds"] == stopped + 2
     # and without the prefix, the same command fails as the issue reported: the prefix is what makes it work
-    bare = subprocess.run(["bash", "-c", "fedmr run --resume r --set rounds=14 --quiet"], cwd=work, env=clean,
+    bare = subprocess.run(["bash", "-c", f"fedmr run --resume r --set rounds={stopped + 4} --quiet"], cwd=work, env=clean,
                           capture_output=True, text=True, timeout=600)
     assert bare.returncode == 2 and "is it on PYTHONPATH" in bare.stderr
 

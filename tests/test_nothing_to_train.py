@@ -13,6 +13,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from test_new_user import one_error_line
 
 import fedmr
 from fedmr.cli import main
@@ -84,14 +85,6 @@ def user(tmp_path, monkeypatch):
     (folder / f"{name}.py").write_text(USER)
     monkeypatch.syspath_prepend(str(folder))
     return name
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("fedmr: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def plugin_args(name: str, loader: str = "blobs", model: str = "mlp") -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_new_user import one_error_line
 
 import fedmr
 from fedmr.cli import main
@@ -25,25 +26,6 @@ SMALL = ["--set", "rounds=2", "--set", "num_clients=4", "--set", "clients_per_ro
          "--set", "local_epochs=1", "--set", "workers=1", "--set", "eval_every=1"]
 API_SMALL = {"rounds": 2, "num_clients": 4, "clients_per_round": 2, "partition": "iid", "local_epochs": 1,
              "workers": 1, "eval_every": 1}
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("fedmr: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture
-def no_data_loading(monkeypatch):
-    """Fail the test if any data set is loaded: the checks must come first."""
-    def refuse(cfg):
-        raise AssertionError("data were loaded before the bad input was reported")
-
-    import fedmr.engine.experiment as experiment
-
-    monkeypatch.setattr(experiment, "load_dataset", refuse)
 
 
 def blobs():
