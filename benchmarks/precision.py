@@ -8,8 +8,11 @@ alternated rep by rep so that a drifting machine slows them alike:
   * ``fp32 today``: fp32 with glibc's malloc defaults (``FEDMR_MALLOC=system``), the path before issue 29;
   * ``fp32 kept``: fp32 with freed memory kept (``fedmr.allocator``, the default now);
   * ``bf16 kept``: ``precision = "bf16"`` as well (where the CPU has native bf16; emulated bf16 is
-    slower than fp32, so it is not a candidate there).
-The fastest of the last two is the "fastest faithful" one; the last lines are
+    slower than fp32, so it is not a candidate there);
+  * ``fp32 compiled`` and ``bf16 compiled``: ``compile = true`` as well (full batches through
+    ``torch.compile``; each worker process compiles once, in the untimed warm-up round, whose wall
+    time is printed as the compile cost).
+The fastest of all but the first is the "fastest faithful" one; the last lines are
 ``ratio resnet20: N.Nx`` and ``ratio cnn: N.Nx`` (today's s/round over that one's).
 
 ``--models vgg16`` adds VGG-16 scaled to 2 clients x 1 epoch x 100 samples (its page faults).
@@ -41,7 +44,9 @@ from benchmarks.workloads import Round, cifar_dataset, cifar_like, median, timed
 
 WORK = {"resnet20": Round(epochs=1), "cnn": Round(), "vgg16": Round(clients=2, epochs=1, samples=100)}
 PAPER = Round()  # 10 clients x 5 epochs x 500 samples: the paper-round estimates scale s/round by its samples
-CONFIGS = {"fp32 today": ("fp32", "system"), "fp32 kept": ("fp32", "kept"), "bf16 kept": ("bf16", "kept")}
+CONFIGS = {"fp32 today": ("fp32", "system", False), "fp32 kept": ("fp32", "kept", False),
+           "bf16 kept": ("bf16", "kept", False), "fp32 compiled": ("fp32", "kept", True),
+           "bf16 compiled": ("bf16", "kept", True)}
 
 
 def cpu_name() -> str:
@@ -99,31 +104,34 @@ def step_counts(model: str, precision: str, steps: int = 20) -> tuple[float, flo
     return (after.ru_minflt - before.ru_minflt) / steps, 1000 * (after.ru_stime - before.ru_stime) / steps
 
 
-def child(model: str, precision: str, reps: int, device: str) -> None:
+def child(model: str, precision: str, compile: bool, reps: int, device: str) -> None:
     """One configuration in this process: a warm-up round, then ``reps`` timed rounds, then the
-    per-step counts; prints JSON."""
+    per-step counts (eager: the page faults do not depend on compiling); prints JSON."""
     from benchmarks.workloads import simulation
 
     work = WORK[model]
     images, labels = cifar_like(work.clients * work.samples)
-    sim = simulation(model, cifar_dataset(images, labels), work, f"precision=\"{precision}\"", device=device)
+    sim = simulation(model, cifar_dataset(images, labels), work, f"precision=\"{precision}\"",
+                     f"compile={str(compile).lower()}", device=device)
     try:
-        sim.run_round(0)  # forks the workers, warms the allocator and the kernels
+        # forks the workers, warms the allocator and the kernels, compiles where asked
+        warm = timed(lambda: sim.run_round(0))
         times = [timed(lambda r=r: sim.run_round(r)) for r in range(1, reps + 1)]
     finally:
         sim.runner.close()
     steps = 5 if model == "vgg16" else 20
     faults, system_ms = step_counts(model, precision, steps) if device == "cpu" else (float("nan"), float("nan"))
-    print(json.dumps({"times": times, "faults": faults, "system_ms": system_ms}))
+    print(json.dumps({"times": times, "faults": faults, "system_ms": system_ms, "warm": warm}))
 
 
 def run_child(model: str, config: str, reps: int, device: str) -> dict:
-    precision, allocator = CONFIGS[config]
+    precision, allocator, compile = CONFIGS[config]
     env = dict(os.environ)
     env.pop("FEDMR_MALLOC", None)
     if allocator == "system":
         env["FEDMR_MALLOC"] = "system"
-    out = subprocess.run([sys.executable, __file__, "--child", model, precision, "--reps", str(reps), "--device", device],
+    out = subprocess.run([sys.executable, __file__, "--child", model, precision, str(compile), "--reps", str(reps),
+                          "--device", device],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -134,17 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per configuration and rep (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", default="resnet20,cnn")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"configurations to time, comma-separated (default all: {', '.join(CONFIGS)})")
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "PRECISION", "COMPILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], args.child[1], args.rounds, args.device)
+        child(args.child[0], args.child[1], args.child[2] == "True", args.rounds, args.device)
         return 0
     native = bf16_native(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
     print(f"device: {device_name}; flags: {' '.join(cpu_flags()) or '-'}; torch {torch.__version__}; "
           f"cores: {len(os.sched_getaffinity(0))}")
     print(f"bf16: {'native' if native else 'emulated (no bf16 units): measuring the fp32 improvements alone'}")
-    configs = [c for c in CONFIGS if native or CONFIGS[c][0] == "fp32"]
+    asked = [c.strip() for c in args.configs.split(",")]
+    unknown = [c for c in asked if c not in CONFIGS]
+    if unknown or "fp32 today" not in asked:
+        parser.error(f"--configs: {', '.join(unknown) or 'fp32 today is the baseline and must be among them'}; "
+                     f"choose among {', '.join(CONFIGS)}")
+    configs = [c for c in asked if native or CONFIGS[c][0] == "fp32"]
     rate = {"fp32": matmul_rate(torch.float32, args.device)}
     if native:
         rate["bf16"] = matmul_rate(torch.bfloat16, args.device)
@@ -167,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             faults = median([r["faults"] for r in seen[config]])
             system = median([r["system_ms"] for r in seen[config]])
             share = flops / s / 1e9 / rate[CONFIGS[config][0]]
-            print(f"  {config:<11} {s:7.2f} s/round{paper}, {share:.0%} of {CONFIGS[config][0]} matmul; "
-                  f"one client's step: {faults:7,.0f} minor faults, {system:4.0f} ms system CPU")
+            warm = median([r["warm"] for r in seen[config]])
+            print(f"  {config:<13} {s:7.2f} s/round{paper}, {share:.0%} of {CONFIGS[config][0]} matmul; "
+                  f"one client's step: {faults:7,.0f} minor faults, {system:4.0f} ms system CPU; "
+                  f"first round {warm:.0f} s")
         best = min((c for c in configs if c != "fp32 today"), key=per_round.__getitem__)
         ratios[model] = per_round["fp32 today"] / per_round[best]
         print(f"  fastest faithful: {best}")

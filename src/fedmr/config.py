@@ -85,6 +85,8 @@ class RunConfig(Mapping[str, Any]):
     checkpoint_every: int = setting(0, "rounds between checkpoints; 0 = at every evaluation")
     precision: str = setting("fp32", "fp32, or bf16: mixed precision in local training (bf16 autocast; weights, optimizer "
                              "state, BatchNorm statistics and everything the server sees stay fp32)")
+    compile: bool = setting(False, "run local training's full batches through torch.compile (forward and backward; "
+                                   "needs a C++ compiler; pays on some CPUs, see docs/benchmarks.md)")
     save_model_every: int = setting(0, "rounds between copies of the global model kept as models/round-NNNNNN.safetensors "
                                        "(for fedmr landscape); 0 = none, only the final model.safetensors")
     save_pool: bool = setting(False, "with save_model_every: also keep a pool method's K models (fedmr, fedindep) as "
@@ -111,7 +113,8 @@ class RunConfig(Mapping[str, Any]):
     def local_settings(self) -> LocalSettings:
         from .training import LocalSettings
 
-        return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum, self.precision)
+        return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum, self.precision,
+                             self.compile)
 
     def replace(self, **changes: Any) -> RunConfig:
         """This config with ``changes`` (top-level keys or whole sections by name), checked again."""
@@ -420,6 +423,9 @@ def _check_training_ranges(c: RunConfig) -> None:
     if c.precision not in PRECISIONS:
         raise ConfigError(f"config key 'precision' must be \"fp32\" or \"bf16\", got {c.precision!r}"
                           f"{did_you_mean(c.precision, PRECISIONS)}")
+    if c.compile and c.vectorize is True:
+        raise ConfigError("config key 'compile' speeds up the per-client loop; it cannot be combined with "
+                          "vectorize = true")
 
 
 def _plugin_sections(c: RunConfig, training: bool = True) -> dict[str, dict[str, Any]]:

@@ -52,7 +52,8 @@ TEST_DELAY_ENV = "FEDMR_TEST_CHECKPOINT_DELAY"
 # belongs here when it cannot change results, or older checkpoints (which lack it) refuse to resume.
 RESUMABLE_CHANGES = frozenset({"rounds", "device", "workers", "vectorize", "vectorize_memory_gb", "data_dir",
                                "checkpoint_every", "client_timeout", "cache_dir", "tensorboard",
-                               "max_rounds_without_update", "partition_file_check", "save_model_every", "save_pool"})
+                               "max_rounds_without_update", "partition_file_check", "save_model_every", "save_pool",
+                               "compile"})
 
 _NAME = re.compile(r"^round-(\d{6,})\.json$")
 _STATE_PREFIX = "state."

@@ -82,6 +82,17 @@ class Experiment:
         return model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
+def check_cpp_compiler() -> None:
+    """``compile = true`` on a CPU builds C++ kernels: refuse to start where no compiler is found."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor raises its own InvalidCxxCompiler (and OSError on odd paths)
+        raise ConfigError(f"compile = true needs a C++ compiler on a CPU (g++, or the one $CXX names): {e}".strip()
+                          ) from None
+
+
 def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = None) -> Experiment:
     """Load data, draw the partition and the initial model, all from the config's seed.  ``data`` and
     ``model`` (a factory(num_classes, input_shape)) override the config's ``dataset`` and ``model``.
@@ -91,6 +102,8 @@ def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = No
     if cfg.precision == "bf16" and not bf16_is_native(device):
         log.warning("precision = \"bf16\": this %s has no native bf16 units, so bf16 is emulated here and slower "
                     "than fp32", "CPU" if device.type == "cpu" else "GPU")
+    if cfg.compile and device.type == "cpu":
+        check_cpp_compiler()
     data = data if data is not None else load_dataset(cfg)
     for warning in check_trainable(data):
         log.warning("%s", warning)

@@ -83,7 +83,8 @@ def make_runner(cfg: Mapping[str, Any], algorithm: Algorithm, model: nn.Module, 
     if problem is not None:  # a user model vmap cannot run: fall back, never fail
         log.warning("runner: the model cannot be trained batched (%s); training each client on its own", problem)
     elif vectorize:
-        log.info("runner: vectorized (%d clients per batched step)", config.clients_per_round)
+        log.info("runner: vectorized (%d clients per batched step)%s", config.clients_per_round,
+                 "; compile is not used on this path" if config.compile else "")
         return VectorizedRunner(algorithm, model, data, settings, seed, config.vectorize_memory_gb)
     workers, threads = resolve_workers(config.workers, device, config.clients_per_round)
     if workers > 1 or timeout > 0:  # a timeout needs a process it can stop

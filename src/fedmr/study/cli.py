@@ -37,7 +37,7 @@ def add_parser(subparsers: Any) -> None:
     park.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
 
 
-HOW_KEYS = ("device", "workers", "vectorize", "vectorize_memory_gb", "data_dir", "cache_dir")
+HOW_KEYS = ("device", "workers", "vectorize", "vectorize_memory_gb", "data_dir", "cache_dir", "compile")
 """Keys ``study run --set`` may change: where and how a cell computes, never its numbers' definition
 (each is among the changes a checkpoint resumes across, and the reuse of finished runs ignores them)."""
 
