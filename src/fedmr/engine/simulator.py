@@ -26,8 +26,7 @@ from ..algorithms import build_algorithm
 from ..algorithms.base import Algorithm
 from ..config import RunConfig, load_config
 from ..data import DataSet
-from ..errors import CheckpointError, ConfigError
-from ..fileio import check_writable_folder
+from ..errors import CheckpointError
 from ..maths import State
 from ..partition import format_summary
 from ..results import RunWriter
@@ -182,14 +181,6 @@ def stop_on_signals(simulation: Simulation) -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def check_output_folder(out_dir: str | Path, resume: bool) -> None:
-    """Before any data is loaded: the folder can be written, and holds no run unless resumed."""
-    out = Path(out_dir)
-    if not resume and (out / "metrics.csv").exists():
-        raise ConfigError(f"output folder {out} already holds a run; choose another --out or --resume it")
-    check_writable_folder(out)
 
 
 def resumed_config(folder: str | Path, assignments: Iterable[str] = ()) -> RunConfig:
