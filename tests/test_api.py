@@ -46,6 +46,12 @@ def test_run_with_a_factory_and_arrays_returns_rows_summary_and_state(user, tmp_
     assert {p.name for p in (tmp_path / "r").iterdir()} >= {"config.toml", "metrics.csv", "summary.json",
                                                            "model.safetensors", "partition.json", "checkpoints"}
     assert result.config["model"] == f"{MOD}:mlp" and result.out_dir == tmp_path / "r"
+    # every round's training loss, evaluated or not: the rows of train_loss.csv
+    assert [r["round"] for r in result.train_rows] == list(range(1, 11))
+    with (tmp_path / "r" / "train_loss.csv").open() as fh:
+        written = [float(r["train_loss"]) for r in csv.DictReader(fh)]
+    assert [r["train_loss"] for r in result.train_rows] == pytest.approx(written, rel=1e-5)
+    assert result.train_rows[-1]["train_loss"] < result.train_rows[0]["train_loss"]
 
 
 def test_run_without_out_writes_nothing_and_accepts_a_loader(user, tmp_path, monkeypatch):
@@ -89,6 +95,8 @@ def test_compare_runs_each_variant_on_the_same_start(user, tmp_path):
     # the same rows as fedmr.run on the same config
     alone = fedmr.run({**CFG, "rounds": 5, "algorithm": "fedavg"}, model=mod.mlp, data=mod.blobs())
     assert alone.rows[-1]["accuracy"] == results["fedavg"].rows[-1]["accuracy"]
+    assert [r["train_loss"] for r in results["fedavg"].train_rows] == pytest.approx(
+        [r["train_loss"] for r in alone.train_rows], rel=1e-5)  # as written (6 digits) against the run's own
 
 
 def _without_clock(rows):

@@ -33,11 +33,15 @@ class RunResult:
     """One finished run.
 
     Attributes:
-        rows: the metrics.csv rows as dicts (``round``, ``accuracy``, ``loss``, ``train_loss``, ...).
+        rows: the metrics.csv rows as dicts, one per evaluation (``round``, ``accuracy``, ``loss``,
+            ``train_loss``, ...).
         summary: the summary.json dict (``final_accuracy``, ``best_accuracy``, ``best_round``, ...).
         final_state: the final global model's state_dict (FedMR: the mean of the pool).
         config: the validated config the run used (as written to config.toml).
         out_dir: the results folder, or None when the run wrote none.
+        train_rows: the train_loss.csv rows as dicts, one per round (``round``, ``train_loss``,
+            ``clients``, ``rejected``, ``dropped``): the clients' mean training loss of every round,
+            evaluated or not.
     """
 
     rows: list[dict[str, Any]]
@@ -45,6 +49,7 @@ class RunResult:
     final_state: dict[str, torch.Tensor] = field(repr=False)
     config: dict[str, Any] = field(repr=False)
     out_dir: Path | None = None
+    train_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
     def final_accuracy(self) -> float:
@@ -163,7 +168,8 @@ def run(config: Config = None, *, model: ModelArg = None, data: DataArg = None, 
     with claimed_output(out, cfg, resume=resume):
         exp = prepare(cfg, data=load(), model=factory)
         outcome = Simulation(exp, out_dir=out, progress=_progress(progress), on_row=checked, resume=resume).run()
-    return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir)
+    return RunResult(outcome.rows, outcome.summary, outcome.final_state, dict(exp.cfg), outcome.out_dir,
+                     outcome.train_rows)
 
 
 def _progress(progress: bool | None) -> str:
@@ -203,6 +209,7 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
 
     from .config import read_toml
     from .engine.compare import parse_variant, run_comparison, variant_folder
+    from .results import read_metrics
 
     if resume and out is None:
         raise ConfigError("resume=True continues the comparison in its folder: give out=")
@@ -227,5 +234,6 @@ def compare(config: Config = None, algorithms: Sequence[str | type] = ("fedavg",
         for spec in specs:
             path = variant_folder(folder, spec)
             results[spec] = RunResult(outcome.rows[spec], outcome.summaries[spec], load_file(path / "model.safetensors"),
-                                      read_toml(path / "config.toml"), path if out is not None else None)
+                                      read_toml(path / "config.toml"), path if out is not None else None,
+                                      read_metrics(path / "train_loss.csv") if (path / "train_loss.csv").is_file() else [])
         return results

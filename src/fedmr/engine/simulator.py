@@ -51,6 +51,7 @@ class RunOutcome:
     stopped_after: int | None = None  # set when a signal stopped the run after this many rounds
     stop_signal: int = 0  # that signal's number
     late_signal: int = 0  # a signal that came in the last round (or after it): the run was finished, not stopped
+    train_rows: list[dict[str, Any]] = field(default_factory=list, repr=False)  # train_loss.csv: every round
 
 
 def dropped_clients(seed: int, round_idx: int, clients: list[int], rate: float) -> set[int]:
@@ -139,10 +140,11 @@ class Simulation:
         out_dir = self.writer.dir if self.writer else None
         if stopped_after is not None:
             return RunOutcome(self.rows, {}, self.algorithm.global_state(), out_dir, self.algorithm,
-                              stopped_after=stopped_after, stop_signal=int(self.stop_requested))
+                              stopped_after=stopped_after, stop_signal=int(self.stop_requested),
+                              train_rows=self.recorder.train_rows)
         summary = self.recorder.finish()
         return RunOutcome(self.rows, summary, self.algorithm.global_state(), out_dir, self.algorithm,
-                          late_signal=int(self.stop_requested))
+                          late_signal=int(self.stop_requested), train_rows=self.recorder.train_rows)
 
     def in_last_round(self) -> bool:
         """Whether the run is in its last round or past it (writing its results): a stop asked for now
