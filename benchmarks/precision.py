@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -50,24 +49,15 @@ CONFIGS = {"fp32 today": ("fp32", "system", False), "fp32 kept": ("fp32", "kept"
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from fedmr.machine import processor
+
+    return processor()
 
 
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
-    except OSError:
-        pass
-    return []
+    from fedmr.machine import processor_flags
+
+    return processor_flags()
 
 
 def bf16_native(device: str) -> bool:

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "fedmr"
 
 # lowest first; a room may import from its own layer or below, never above
 LAYERS = [
-    {"errors", "fileio", "seeding", "imports", "maths", "allocator"},
+    {"errors", "fileio", "seeding", "imports", "maths", "allocator", "machine"},
     {"training"},
     {"algorithms", "models", "data", "partition", "callbacks"},
     {"config"},

@@ -267,7 +267,7 @@ def test_a_parked_checkpoint_resumes_the_cell_on_another_machine(tmp_path, refer
     assert f"{CELLS[1]}: parked at round 2" in capsys.readouterr().out
     parked = started / "parked"
     assert sorted(p.name for p in parked.iterdir()) == ["README.md", "metrics.csv", "round-000002.json",
-                                                        "round-000002.safetensors", "train_loss.csv"]
+                                                        "round-000002.safetensors", "segments.csv", "train_loss.csv"]
     assert [line.split(",")[0] for line in (parked / "metrics.csv").read_text().splitlines()] == ["round", "2"]
     assert [line.split(",")[0] for line in (parked / "train_loss.csv").read_text().splitlines()] == ["round", "1", "2"]
     # what a commit carries to the next machine: everything but checkpoints/ (git ignores it) and the live
@@ -303,8 +303,8 @@ def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, cap
     _kill(proc)
     assert not (cell / "summary.json").exists()
     parked = sorted(p.name for p in (cell / "parked").iterdir())
-    assert parked == ["README.md", "metrics.csv", "round-000010.json", "round-000010.safetensors", "train_loss.csv"], \
-        parked
+    assert parked == ["README.md", "metrics.csv", "round-000010.json", "round-000010.safetensors", "segments.csv",
+                      "train_loss.csv"], parked
     # what a commit carries: config, partition and parked/ (checkpoints/ is ignored; the live files, ahead of
     # the parked checkpoint, are left out)
     shutil.copytree(first, second, ignore=shutil.ignore_patterns("checkpoints", "metrics.csv", "train_loss.csv", "log"))
@@ -323,6 +323,9 @@ def test_a_running_cell_parks_itself_every_ten_rounds(tmp_path, monkeypatch, cap
     assert _comparable(resumed_cell) == _comparable(reference)
     assert (resumed_cell / "train_loss.csv").read_bytes() == (reference / "train_loss.csv").read_bytes()
     assert not (resumed_cell / "parked").exists()
+    # which rounds ran in which sitting: the parked checkpoint carried rounds 1-10 to the second machine
+    spans = [line.split(",")[:2] for line in (resumed_cell / "segments.csv").read_text().splitlines()[1:]]
+    assert spans == [["1", "10"], ["11", "14"]]
 
 
 def test_keep_model_keeps_the_final_model_under_a_name_git_does_not_ignore(tmp_path, monkeypatch, capsys):
@@ -359,7 +362,7 @@ def test_study_run_set_changes_only_how_cells_compute(tmp_path, monkeypatch, cap
     assert main(["study", "run", "study.toml", "--quiet", "--set", "lr=0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["fedmr: error: study run --set takes only keys that say how and where a cell computes (device, "
-                   "workers, vectorize, vectorize_memory_gb, data_dir, cache_dir), got 'lr'"]
+                   "workers, vectorize, vectorize_memory_gb, data_dir, cache_dir, compile), got 'lr'"]
     assert not (tmp_path / "out" / "study" / CELLS[0]).exists()
     assert main(["study", "run", "study.toml", "--quiet", "--only", "algorithm=fedavg", "--set", "vectorize=true"]) == 0
     assert "vectorize = true" in (tmp_path / "out" / "study" / CELLS[0] / "config.toml").read_text()

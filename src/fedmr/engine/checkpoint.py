@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from ..config import DEFAULTS
 from ..errors import CheckpointError
 from ..fileio import atomic_write, file_digest, fsync_dir
+from .segments import checked as checked_segments
 
 log = logging.getLogger("fedmr")
 
@@ -71,6 +72,7 @@ class Checkpoint:
     fingerprint: dict[str, Any]
     generators: dict[str, Any]
     counters: dict[str, float] = field(default_factory=dict)  # running totals (e.g. MB exchanged); {} before they existed
+    segments: list[dict[str, Any]] = field(default_factory=list)  # where its rounds ran (segments.py); [] before they existed
 
     def restore_generators(self) -> None:
         """Put torch's, numpy's and Python's global generators back where the saved run had them."""
@@ -177,9 +179,11 @@ def _generator_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 def save_checkpoint(
     run_dir: str | Path, rounds_done: int, server_state: Mapping[str, torch.Tensor], rows: Sequence[Mapping[str, Any]],
     elapsed_s: float, run_fingerprint: Mapping[str, Any], keep: int = KEEP, counters: Mapping[str, float] | None = None,
+    segments: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint after ``rounds_done`` rounds; drop all but the newest ``keep``.
-    ``counters``: running totals the run keeps between evaluations (the MB exchanged so far)."""
+    ``counters``: running totals the run keeps between evaluations (the MB exchanged so far);
+    ``segments``: where and how its rounds so far were computed (``segments.py``)."""
     directory = Path(run_dir) / CHECKPOINT_DIR
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"round-{rounds_done:06d}"
@@ -193,6 +197,7 @@ def save_checkpoint(
         "rows": [dict(r) for r in rows], "elapsed_s": elapsed_s, "generators": gen_meta,
         "fingerprint": dict(run_fingerprint),
         **({"counters": {k: float(v) for k, v in counters.items()}} if counters else {}),
+        **({"segments": [dict(r) for r in segments]} if segments else {}),
     }
     body = json.loads(json.dumps(body, default=_plain))  # numpy scalars -> numbers; hashed as read back
     manifest = directory / f"{stem}.json"
@@ -273,9 +278,12 @@ def read_checkpoint(manifest: Path, device: str | torch.device = "cpu") -> Check
     counters = body.get("counters", {})
     if not isinstance(counters, dict) or not all(isinstance(v, (int, float)) for v in counters.values()):
         raise CheckpointError(f"{manifest} has malformed counters")
+    segment_rows = checked_segments(body.get("segments", []))
+    if segment_rows is None:
+        raise CheckpointError(f"{manifest} has malformed segments")
     return Checkpoint(rounds_done, state, rows, elapsed, manifest,
                       saved_fingerprint if isinstance(saved_fingerprint, dict) else {}, generators,
-                      {str(k): float(v) for k, v in counters.items()})
+                      {str(k): float(v) for k, v in counters.items()}, segment_rows)
 
 
 def latest_checkpoint(run_dir: str | Path, run_fingerprint: Mapping[str, Any] | None = None,
@@ -351,19 +359,19 @@ def check_resume(run_dir: str | Path, cfg: Mapping[str, Any]) -> None:
 
 
 def resume_from_checkpoint(run_dir: str | Path, algorithm: Any, run_fingerprint: Mapping[str, Any], rounds: int,
-                           device: str | torch.device = "cpu") -> tuple[int, list[dict[str, Any]], float, dict[str, float]]:
-    """Load the newest usable checkpoint of ``run_dir`` into ``algorithm`` (and the global generators):
-    (rounds done, metrics rows so far, seconds they took, running counters); (0, [], 0.0, {}) for a
-    run killed before its first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
+                           device: str | torch.device = "cpu") -> Checkpoint | None:
+    """Load the newest usable checkpoint of ``run_dir`` into ``algorithm`` (and the global generators)
+    and return it (its rounds done, metrics rows, seconds, counters and segments); None for a run
+    killed before its first checkpoint.  The simulator and the Flower ServerApp both resume through this."""
     ckpt = latest_checkpoint(run_dir, run_fingerprint, device)
     if ckpt is None:
         refuse_finished_without_checkpoint(run_dir)
         log.warning("no checkpoint in %s yet: starting from round 1", run_dir)
-        return 0, [], 0.0, {}
+        return None
     if ckpt.rounds_done > rounds:
         raise CheckpointError(f"checkpoint {ckpt.path} is after round {ckpt.rounds_done} but rounds is "
                               f"{rounds}; resume with --set rounds={ckpt.rounds_done} or more")
     algorithm.load_server_state(ckpt.server_state)
     ckpt.restore_generators()
     log.info("resuming %s after round %d from %s", run_dir, ckpt.rounds_done, ckpt.path.name)
-    return ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s, dict(ckpt.counters)
+    return ckpt

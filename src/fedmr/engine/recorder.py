@@ -21,6 +21,7 @@ from ..callbacks import close_callbacks, run_callbacks
 from ..config import RunConfig
 from ..data import IN_MEMORY
 from ..errors import TrainingError
+from ..fileio import atomic_write_text
 from ..results import (
     CLIENT_COLUMNS,
     METRIC_COLUMNS,
@@ -32,6 +33,7 @@ from ..results import (
     write_plot,
 )
 from ..training import evaluate
+from . import segments
 from .checkpoint import fingerprint, resume_from_checkpoint, save_checkpoint, save_tensors
 from .client_eval import spread
 
@@ -120,6 +122,9 @@ class Recorder:
         self.idle_limit = self.cfg.max_rounds_without_update
         self.idle_since: int | None = None  # the first of the latest rounds in a row with no update accepted
         self._start = time.perf_counter()
+        self.segments: list[Row] = []  # the rounds before this start or resume: where they ran (segments.py)
+        self._segment: Row = {"first_round": 1}
+        self._segment_start = self._start
 
     # ---- the beginning ---------------------------------------------------------------------
     def start(self, resume: bool = False) -> int:
@@ -133,18 +138,28 @@ class Recorder:
             arrays = ({"train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y}
                       if self.cfg.dataset == IN_MEMORY else None)  # nothing else names such data
             self.fingerprint = fingerprint(self.cfg, self.exp.partition, self.exp.initial_state, arrays)
-            if resume:
-                done, self.rows, elapsed, counters = resume_from_checkpoint(
-                    self.writer.dir, self.algorithm, self.fingerprint, self.rounds, self.exp.device)
+            ckpt = resume_from_checkpoint(self.writer.dir, self.algorithm, self.fingerprint, self.rounds,
+                                          self.exp.device) if resume else None
+            if ckpt is not None:
+                done, self.rows, elapsed, counters = ckpt.rounds_done, list(ckpt.rows), ckpt.elapsed_s, ckpt.counters
+                self.segments = list(ckpt.segments)
                 assert self.totals is not None  # as __init__ set it: start() runs once, before any round
-                if done and not set(self.totals) <= set(counters):  # its earlier rounds' traffic was never counted
+                if not set(self.totals) <= set(counters):  # its earlier rounds' traffic was never counted
                     self.totals = None
                 else:
                     self.totals.update({k: v for k, v in counters.items() if k in self.totals})
             write_run_header(self.writer, self.cfg, self.exp)
             self.train_rows = self.writer.start_train_log(done)
         self._start = time.perf_counter() - elapsed
+        self._segment = segments.begin(self.cfg, self.exp.device, done + 1)
+        self._segment_start = time.perf_counter()
         return done
+
+    def segment_rows(self, done: int) -> list[Row]:
+        """Where and how rounds 1..``done`` were computed: the resumed run's segments, then this one."""
+        if done < int(self._segment["first_round"]):
+            return list(self.segments)
+        return [*self.segments, segments.close(self._segment, done, time.perf_counter() - self._segment_start)]
 
     def elapsed(self) -> float:
         """Seconds of this run so far, including the part before a resume."""
@@ -258,8 +273,10 @@ class Recorder:
             return False
         assert self.writer is not None and self.fingerprint is not None, "start() first"
         self.writer.sync_train_log()  # its rows up to this round are on disk before the checkpoint that counts them
+        ran = self.segment_rows(done)
         save_checkpoint(self.writer.dir, done, self.algorithm.server_state(), self.rows, self.elapsed(), self.fingerprint,
-                        counters=self.totals or {})
+                        counters=self.totals or {}, segments=ran)
+        atomic_write_text(self.writer.dir / segments.FILE, segments.to_csv(ran))
         for callback in self.on_checkpoint:
             callback(done)
         return True

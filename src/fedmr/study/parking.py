@@ -3,7 +3,8 @@ cell's folder, where it can be committed, so the next sitting, on any machine, r
 
 ``checkpoints/`` is local (git ignores it, and it keeps two checkpoints); ``parked/`` holds exactly
 one: the newest manifest and its tensors, plus ``metrics.csv`` with the rows up to it (what the
-results page shows of a partial cell) and ``train_loss.csv`` with the rounds up to it.
+results page shows of a partial cell), ``train_loss.csv`` with the rounds up to it and
+``segments.csv``, where and how those rounds ran (from the checkpoint, which carries them).
 ``fedmr study park FILE`` refreshes it for every unfinished cell and removes it from finished
 ones; ``run_cell`` copies it back into ``checkpoints/`` when the folder has none, and the
 checkpoint's own checks (checksums, fingerprint) decide as for any resume.
@@ -15,6 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..engine import segments
 from ..engine.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from ..fileio import atomic_write_text
 from ..results import METRIC_COLUMNS, RunWriter
@@ -48,6 +50,8 @@ def park(folder: Path, finished: bool) -> str:
         shutil.copy2(folder / TRAIN_LOG, fresh / TRAIN_LOG)
         writer.start_train_log(ckpt.rounds_done)
     writer.write_metrics(ckpt.rows, list(dict.fromkeys(columns)))  # the rows up to the checkpoint
+    if ckpt.segments:
+        atomic_write_text(fresh / segments.FILE, segments.to_csv(ckpt.segments))
     atomic_write_text(fresh / "README.md", f"The newest checkpoint of this unfinished cell (round {ckpt.rounds_done}), "
                       "kept so that another machine resumes it: `fedmr study run` copies it into checkpoints/.\n")
     shutil.rmtree(parked, ignore_errors=True)
