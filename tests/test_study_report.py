@@ -14,7 +14,8 @@ from scipy import stats
 
 from fedmr.cli import main
 from fedmr.results import read_metrics
-from fedmr.study.report import GENERATED, verdict
+from fedmr.study.contrasts import verdict
+from fedmr.study.report import GENERATED
 
 FIXTURE = Path(__file__).parent / "fixtures" / "study"
 REPO = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def extended(tmp_path, monkeypatch) -> Path:
     """The fixture study with a communication section of probe runs and a ResNet-20 section whose cells are
     finished, partial (parked) or not started."""
     from fedmr.results import METRIC_COLUMNS
-    from fedmr.study.report import TRAFFIC
+    from fedmr.study.sections import TRAFFIC
     from fedmr.study.spec import load_study
 
     root = _copy(tmp_path)
@@ -290,7 +291,7 @@ def test_the_extended_page_is_the_same_from_any_checkout(extended):
 
 
 def test_totals_between_and_past_the_probes_rows_and_blocks_covered_to_their_end():
-    from fedmr.study.report import block_means, total_at
+    from fedmr.study.sections import block_means, total_at
 
     rows = _traffic([(10, 1.0, 2.0, 0.0), (20, 2.0, 2.0, 0.0)])
     assert total_at(rows, 20) == (70.0, False)  # 10 rounds of 1 + 2 MB, then 10 of 2 + 2

@@ -31,10 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# report.Page hands itself over (``page``) with its report.Entry objects; typed as Any, since report.py
-# imports this module and the package's imports form no circle (tests/test_architecture.py)
-Page = Any
-Entry = Any
+from .cells import Entry
+from .sheet import Sheet, link
 
 BASIN = 0.01  # a line whose loss stays within 1% (of the ends' mean loss) of the chord reads as one basin
 _ROUND = re.compile(r"^round-(\d+)")
@@ -171,7 +169,7 @@ def _ratio(a: float, b: float) -> str:
 class Flatness:
     """Renders the section onto ``page`` (a ``report.Page``)."""
 
-    def __init__(self, page: Page):
+    def __init__(self, page: Sheet):
         self.page = page
         self.baseline = str(page.o["baseline"])
         self.measured = collect(page.entries, [Path(p) for p in page.o.get("landscape", [])])
@@ -361,7 +359,7 @@ class Flatness:
         if p.draw:
             draw(path)
             p.drawn.add(path)
-        p.add(f"![{alt}]({_link(path, p.page_dir)})", "")
+        p.add(f"![{alt}]({link(path, p.page_dir)})", "")
 
 
 def _draw(kind: str, *args: Any) -> None:
@@ -371,19 +369,13 @@ def _draw(kind: str, *args: Any) -> None:
     draw(*args)
 
 
-def _docs_link(page: Page) -> str:
+def _docs_link(page: Sheet) -> str:
     """docs/landscape.md relative to the page (the repository's docs/, above the study's output)."""
     here = page.page_dir.resolve()
     for place in [here, *here.parents]:
         if (place / "docs" / "landscape.md").is_file():
-            return _link(place / "docs" / "landscape.md", page.page_dir)
+            return link(place / "docs" / "landscape.md", page.page_dir)
     return "docs/landscape.md"
-
-
-def _link(target: Path, page_dir: Path) -> str:
-    import os
-
-    return Path(os.path.relpath(target, page_dir)).as_posix()
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -11,6 +11,11 @@ def pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def points(x: float) -> str:
+    """A difference of accuracies in percentage points, signed."""
+    return f"{100 * x:+.2f}"
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     m = sum(values) / len(values)
     if len(values) < 2:

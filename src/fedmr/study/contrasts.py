@@ -1,0 +1,154 @@
+"""The study page's comparisons, read by the rules the page states: each contrasted method against the
+baseline ("Differences from ...") and against the strongest other method, paired by seed, and the
+"Verdict" section that gathers their readings.
+
+A difference is in points of accuracy (the late mean); with three or more seeds the reading rests on
+the 95% Student-t interval of the per-seed differences, with fewer on their signs (``verdict``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .cells import Entry
+from .sheet import Sheet
+from .text import mean_std, points, table
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Student-t interval of the mean (None below three values, where it says little)."""
+    if len(values) < 3:
+        return None
+    from scipy import stats
+
+    m, sd = mean_std(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * (sd or 0.0) / math.sqrt(len(values))
+    return m - half, m + half
+
+def verdict(diffs: Sequence[float], margin: float) -> str:
+    """The rules the page states: interval (three or more seeds) or sign in every seed (fewer)."""
+    n = len(diffs)
+    m = sum(diffs) / n
+    tie = margin / 100
+    ci = t_interval(diffs)
+    if ci is not None:
+        lo, hi = ci
+        if lo > 0:
+            return f"**ahead** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
+        if hi < 0:
+            return f"**behind** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
+        if abs(m) < tie:
+            return f"**level** ({points(m)} points; the 95% interval includes 0)"
+        side = "ahead" if m > 0 else "behind"
+        return f"{side} by {points(abs(m))[1:]} points on average, **not established**: the 95% interval includes 0"
+    seeds = "the one seed" if n == 1 else "both seeds" if n == 2 else f"all {n} seeds"
+    few = "one seed, no interval" if n == 1 else f"{n} seeds, too few for an interval"
+    if all(d > tie for d in diffs):
+        return f"ahead by {points(m)[1:]} points in {seeds} ({few})"
+    if all(d < -tie for d in diffs):
+        return f"behind by {points(-m)[1:]} points in {seeds} ({few})"
+    if all(abs(d) <= tie for d in diffs):
+        return f"level: within {margin:g} point{'' if margin == 1 else 's'} in {seeds} ({few})"
+    ahead = sum(d > 0 for d in diffs)
+    return f"mixed: ahead in {ahead} of {n} seeds, mean {points(m)} points ({few})"
+
+
+def paired(page: Sheet, groups: dict[tuple[str, str], list[Entry]], method: str, het: str,
+           against: str | None = None) -> list[tuple[int, float]]:
+    """(seed, late mean of ``method`` minus that of ``against``, the baseline by default) for each seed both
+    finished at ``het``."""
+    against = against or page.o["baseline"]
+    base = {e.seed: e.stats.late for e in groups.get((against, het), []) if e.stats is not None}
+    other = {e.seed: e.stats.late for e in groups.get((method, het), []) if e.stats is not None}
+    return [(seed, other[seed] - base[seed]) for seed in sorted(set(base) & set(other))]
+
+
+def contrasts(page: Sheet, groups: dict[tuple[str, str], list[Entry]], hets: Sequence[str]) -> None:
+    """Each contrasted method minus the baseline per heterogeneity level, paired by seed; the readings are
+    kept (``page.verdicts``) for the verdict."""
+    baseline, margin = page.o["baseline"], float(page.o["tie_margin"])
+    if not page.o["contrasts"]:
+        return
+    page.add(f"## Differences from {baseline}", "",
+             f"Accuracy of the method minus {baseline}'s, in points, paired by seed (same partition and initial "
+             "model). The 95% interval is Student's t over the per-seed differences, given from three seeds on.", "")
+    rows = []
+    for method in page.o["contrasts"]:
+        for het in hets:
+            pairs = paired(page, groups, method, het)
+            if not pairs:
+                rows.append([f"{method} - {baseline}", het, "no pair finished yet", "", "", ""])
+                continue
+            diffs = [d for _, d in pairs]
+            ci = t_interval(diffs)
+            rows.append([f"{method} - {baseline}", het, ", ".join(f"seed {s}: {points(d)}" for s, d in pairs),
+                         points(sum(diffs) / len(diffs)), f"{points(ci[0])} to {points(ci[1])}" if ci else "",
+                         verdict(diffs, margin)])
+            page.verdicts.append((method, het, verdict(diffs, margin)))
+    page.add(*table(["difference", "heterogeneity", "per seed", "mean", "95% interval", "reading"], rows))
+
+
+def rivals(page: Sheet, groups: dict[tuple[str, str], list[Entry]], methods: Sequence[str], hets: Sequence[str]) -> None:
+    """Each contrast against the strongest other method of its column: the paper claims FedMR beats
+    every baseline, not only the one the table above pairs it with."""
+    compared = list(page.o["contrasts"])
+    others = [m for m in methods if m not in compared]
+    if not compared or len(others) < 2:  # only the baseline: the differences above say it all
+        return
+    margin = float(page.o["tie_margin"])
+    page.add("## Against the strongest other method", "",
+             "Per heterogeneity level, the method other than those compared above with the highest accuracy on the "
+             "seeds it shares with the compared one (the baselines and FedIndep); the difference is paired by seed "
+             "and read by the same rules. **others finished** counts the methods that could be compared.", "")
+    rows = []
+    for method in compared:
+        for het in hets:
+            pairs = {o: p for o in others if (p := paired(page, groups, method, het, o))}
+            label = f"{len(pairs)} of {len(others)}"
+            if not pairs:
+                rows.append([method, het, "no pair finished yet", "", "", "", label])
+                continue
+            mean = {o: sum(d for _, d in p) / len(p) for o, p in pairs.items()}
+            rival = min(pairs, key=lambda o: mean[o])  # the highest accuracy relative to the method
+            diffs = [d for _, d in pairs[rival]]
+            reading = verdict(diffs, margin)
+            rows.append([method, het, rival, ", ".join(f"seed {s}: {points(d)}" for s, d in pairs[rival]),
+                         points(mean[rival]), reading, label])
+            page.rival_verdicts.append((method, het, f"{rival} ({label} others finished): {reading}"))
+    page.add(*table(["method", "heterogeneity", "strongest other", "per seed", "mean", "reading",
+                      "others finished"], rows))
+
+
+def verdict_section(page: Sheet) -> None:
+    """The rules, then per contrasted method the readings that ``contrasts`` and ``rivals`` kept, and how many
+    cells are still missing."""
+    baseline, margin = page.o["baseline"], float(page.o["tie_margin"])
+    unit = f"{margin:g} point{'' if margin == 1 else 's'}"
+    page.add("## Verdict", "",
+             f"Rules: a method is compared with {baseline} on the paired per-seed difference of accuracy. With three "
+             "or more seeds it is **ahead** (or **behind**) when the 95% t-interval excludes 0, **level** when the "
+             f"interval includes 0 and the mean is within {unit}, otherwise *not established*. With one "
+             f"or two seeds there is no interval: ahead/behind when every seed differs by more than {unit} "
+             f"the same way, level when every seed is within {unit}, otherwise mixed. Differences are in "
+             "percentage points of accuracy; nothing else is claimed.", "")
+    for method in page.o["contrasts"]:
+        readings = [(het, text) for m, het, text in page.verdicts if m == method]
+        if not readings:
+            page.add(f"- **{method}** against {baseline}: no finished pair yet.")
+            continue
+        page.add(f"- **{method}** against {baseline}: " + "; ".join(f"{het}: {text}" for het, text in readings) + ".")
+        strongest = [(het, text) for m, het, text in page.rival_verdicts if m == method]
+        if strongest:
+            page.add(f"- **{method}** against the strongest other method: "
+                     + "; ".join(f"{het}: {text}" for het, text in strongest) + ".")
+    missing = [s for s in page.statuses if not s.finished]
+    if missing:
+        by_priority: dict[int, int] = {}
+        for s in missing:
+            by_priority[s.cell.priority] = by_priority.get(s.cell.priority, 0) + 1
+        page.add(f"- Still missing: {len(missing)} of {len(page.statuses)} cells ("
+                 + ", ".join(f"priority {p}: {n}" for p, n in sorted(by_priority.items()))
+                 + "); the readings above cover only the finished cells.")
+    else:
+        page.add("- Every cell of the study is finished.")
+    page.add("")
