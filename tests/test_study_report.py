@@ -36,6 +36,7 @@ def test_report_rebuilds_the_committed_page_byte_for_byte(tmp_path, monkeypatch,
     monkeypatch.chdir(root)
     assert main(["study", "report", "study.toml"]) == 0
     assert (root / "results" / "README.md").read_bytes() == (FIXTURE / "results" / "README.md").read_bytes()
+    assert "On the " not in (FIXTURE / "results" / "README.md").read_text()  # one model: its verdict unlabelled
     assert (root / "results" / "study" / "cells.json").read_bytes() == (FIXTURE / "results" / "study" / "cells.json").read_bytes()
     plots = sorted(p.name for p in (root / "results" / "study" / "plots").iterdir())
     assert plots == ["ablation-block.png", "main-IID.png", "main-alpha0.5.png"]
@@ -138,15 +139,32 @@ rounds = [4]
 [[grid]]
 priority = 4
 section = "resnet20"
-title = "ResNet-20 (alpha 0.5, seed 1)"
-algorithm = ["fedavg", "fedmr@first_stage_rounds=50", "fedmr", "scaffold", "moon"]
+title = "ResNet-20 (alpha 0.1, seed 1)"
+algorithm = ["fedavg", "fedmr@first_stage_rounds=4", "fedmr", "scaffold", "moon"]
 model = ["resnet20"]
-alpha = [0.5]
+alpha = [0.1]
 seed = [1]
 rounds = [300]
 eval_every = [50]
+
+[[grid]]  # the main model at the ResNet-20 cells' setting and rounds: the paper's pattern compares the two
+priority = 4
+algorithm = ["fedavg", "fedmr@first_stage_rounds=4", "fedmr"]
+alpha = [0.1]
+seed = [1]
+rounds = [300]
+eval_every = [10]
 """
-LONG = "resnet20-alpha0.5-seed1-eval_every-50-rounds-300"  # the ResNet-20 cells' names, less the variant
+LONG = "resnet20-alpha0.1-seed1-eval_every-50-rounds-300"  # the ResNet-20 cells' names, less the variant
+# the ResNet-20 cells' rows (round, accuracy), evaluated every 50 of 300 rounds: fedavg, scaffold and fedmr
+# finished, two-stage FedMR parked at round 250, moon not started
+RESNET = {"fedavg": [(50, 0.2), (100, 0.3), (150, 0.35), (200, 0.4), (250, 0.42), (300, 0.44)],
+          "scaffold": [(50, 0.1), (100, 0.2), (150, 0.3), (200, 0.3), (250, 0.35), (300, 0.38)],
+          "fedmr": [(50, 0.25), (100, 0.33), (150, 0.38), (200, 0.42), (250, 0.46), (300, 0.47)],
+          "fedmr@first_stage_rounds=4": [(50, 0.2), (100, 0.32), (150, 0.41), (200, 0.43), (250, 0.45)]}
+# the main model's cells at the same setting (alpha 0.1, seed 1, 300 rounds), every 10 rounds: the accuracy
+# in rounds 1-100, 101-200 and 201-300
+MAIN = {"fedavg": (0.30, 0.35, 0.40), "fedmr": (0.31, 0.37, 0.42), "fedmr@first_stage_rounds=4": (0.32, 0.43, 0.45)}
 
 
 def _traffic(rounds_mb: list[tuple[int, float, float, float]]) -> list[dict[str, float]]:
@@ -186,6 +204,22 @@ def _park(folder: Path, done: int, rows: list[dict[str, float]]) -> None:
     RunWriter(folder / "parked").write_metrics(rows)
 
 
+def _segments(path: Path, stretches: list[tuple[int, int, str, str, bool, float]]) -> None:
+    """A segments.csv of (first round, last round, processor, precision, compile, s/round) rows."""
+    from fedmr.engine import segments
+
+    rows = [{"first_round": a, "last_round": b, "seconds": s * (b - a + 1), "s_per_round": s,
+             "started_utc": "2026-12-01T00:00:00Z", "device": "cuda" if "NVIDIA" in p else "cpu", "processor": p,
+             "cores": 1, "torch": "2.13.0", "precision": precision, "compile": c, "workers": 1}
+            for a, b, p, precision, c, s in stretches]
+    path.write_text(segments.to_csv(rows))
+
+
+def _steps(levels: tuple[float, float, float]) -> list[dict[str, float]]:
+    """Rows every 10 rounds over 300: accuracy levels[0] in rounds 1-100, [1] in 101-200, [2] in 201-300."""
+    return _accuracy([(r, levels[(r - 1) // 100]) for r in range(10, 301, 10)])
+
+
 @pytest.fixture
 def extended(tmp_path, monkeypatch) -> Path:
     """The fixture study with a communication section of probe runs and a ResNet-20 section whose cells are
@@ -214,15 +248,22 @@ def extended(tmp_path, monkeypatch) -> Path:
     old = [c for c in METRIC_COLUMNS if c not in TRAFFIC]
     cell("communication", "fedprox", same, old)  # written before the traffic columns: absent
     cell("communication", "fedmr@first_stage_rounds=4", _accuracy([(2, 0.1), (4, 0.2)]))  # ... or empty
-    cell("resnet20", "fedavg", _accuracy([(50, 0.2), (100, 0.3), (150, 0.35), (200, 0.4), (250, 0.42), (300, 0.44)]))
-    cell("resnet20", "scaffold", _accuracy([(50, 0.1), (100, 0.2), (150, 0.3), (200, 0.3), (250, 0.35), (300, 0.38)]))
-    partial = cell("resnet20", "fedmr@first_stage_rounds=50", None)
-    _park(partial, 150, _accuracy([(50, 0.2), (100, 0.32), (150, 0.41)]))
-    # this machine ran it further: its local metrics and checkpoints are not on the page
-    (partial / "metrics.csv").write_text("round,accuracy\n" + "".join(f"{r},0.9\n" for r in range(50, 251, 50)))
+    fedavg = cell("resnet20", "fedavg", _accuracy(RESNET["fedavg"]))
+    _segments(fedavg / "segments.csv", [(101, 200, "AMD EPYC 9B14 (avx512_bf16)", "fp32", False, 60.0),
+                                        (201, 300, "NVIDIA H100 80GB HBM3", "fp32", True, 2.5)])
+    cell("resnet20", "scaffold", _accuracy(RESNET["scaffold"]))
+    cell("resnet20", "fedmr", _accuracy(RESNET["fedmr"]))
+    partial = cell("resnet20", "fedmr@first_stage_rounds=4", None)
+    _park(partial, 250, _accuracy(RESNET["fedmr@first_stage_rounds=4"]))
+    _segments(partial / "parked" / "segments.csv", [(1, 250, "Intel Xeon (amx_bf16)", "bf16", False, 40.0)])
+    # this machine ran it further: its local metrics, checkpoints and segments are not on the page
+    (partial / "metrics.csv").write_text("round,accuracy\n" + "".join(f"{r},0.9\n" for r in range(50, 301, 50)))
     (partial / "checkpoints").mkdir()
-    (partial / "checkpoints" / "round-000250.json").write_text("{}")
-    _park(cell("resnet20", "fedmr", None), 50, _accuracy([(50, 0.1)]))
+    (partial / "checkpoints" / "round-000290.json").write_text("{}")
+    _segments(partial / "segments.csv", [(1, 290, "this machine", "bf16", False, 40.0)])
+    # the main model (the fixture's) at the same setting and rounds, rows every 10 rounds
+    for method, levels in MAIN.items():
+        cell("main", method, _steps(levels))
     return root
 
 
@@ -252,22 +293,21 @@ def test_the_communication_section_gives_each_methods_traffic_and_the_megabytes_
 def test_a_partial_cell_is_shown_from_its_parked_rows_never_as_finished(extended):
     assert main(["study", "report", "study.toml"]) == 0
     page = (extended / "results" / "README.md").read_text()
-    text = _section(page, "ResNet-20 (alpha 0.5, seed 1)")
+    text = _section(page, "ResNet-20 (alpha 0.1, seed 1)")
     assert "| method | state | mean 1-100 | mean 101-200 | mean 201-300 | round to 30% | round to 40% |" in text
     assert "| fedavg | finished | 25.00 | 37.50 | 43.00 | 100 | 200 |" in text
-    # parked at 150: block 101-200 is not covered to its end; the local rows (0.9 up to 250) are not read
-    assert "| fedmr@first_stage_rounds=50 | partial: 150 of 300 rounds | 26.00 |  |  | 100 | 150 |" in text
-    assert "| fedmr | partial: 50 of 300 rounds |  |  |  | not yet | not yet |" in text
+    # parked at 250: block 201-300 is not covered to its end; the local rows (0.9 up to 300) are not read
+    assert "| fedmr@first_stage_rounds=4 | partial: 250 of 300 rounds | 26.00 | 42.00 |  | 100 | 150 |" in text
+    assert "| fedmr | finished | 29.00 | 40.00 | 46.50 | 100 | 200 |" in text
     assert "| scaffold | finished | 15.00 | 30.00 | 36.50 | 150 | never |" in text
     assert "| moon | not started |  |  |  |  |  |" in text
-    assert "| fedmr@first_stage_rounds=50 - fedavg | +1.00 |  |  |" in text
-    assert "| fedmr - fedavg |  |  |  |" in text
-    assert "![ResNet-20 (alpha 0.5, seed 1)](study/plots/resnet20.png)" in text
+    assert "| fedmr@first_stage_rounds=4 - fedavg | +1.00 | +4.50 |  |" in text
+    assert "| fedmr - fedavg | +4.00 | +2.50 | +3.50 |" in text
+    assert "![ResNet-20 (alpha 0.1, seed 1)](study/plots/resnet20.png)" in text
     assert (extended / "results" / "study" / "plots" / "resnet20.png").is_file()
     assert not (extended / "results" / "study" / "plots" / "communication.png").exists()
     missing = _section(page, "Missing cells")
-    assert f"| 4 | {LONG}-fedmr_first_stage_rounds-50, partial (150 of 300 rounds parked) |" in missing
-    assert f"| 4 | {LONG}-fedmr, partial (50 of 300 rounds parked) |" in missing
+    assert f"| 4 | {LONG}-fedmr_first_stage_rounds-4, partial (250 of 300 rounds parked) |" in missing
     assert f"| 4 | {LONG}-moon | `" in missing
     assert f"{LONG}-fedmr_first" not in _section(page, "Run folders of the finished cells")
 
@@ -284,10 +324,100 @@ def test_the_extended_page_is_the_same_from_any_checkout(extended):
 
     first = render()
     assert render() == first
-    partial = extended / "results" / "study" / f"{LONG}-fedmr_first_stage_rounds-50"
+    partial = extended / "results" / "study" / f"{LONG}-fedmr_first_stage_rounds-4"
     (partial / "metrics.csv").unlink()
+    (partial / "segments.csv").unlink()
     shutil.rmtree(partial / "checkpoints")
     assert render() == first
+
+
+def _mean(rows: list[tuple[int, float]], first: int, last: int) -> float:
+    """Mean accuracy of the rows evaluated in rounds first-last."""
+    return float(np.mean([a for r, a in rows if first <= r <= last]))
+
+
+def test_the_verdict_reads_each_model_and_the_papers_pattern(extended):
+    assert main(["study", "report", "study.toml"]) == 0
+    text = _section((extended / "results" / "README.md").read_text(), "Verdict")
+    main_part, resnet = text.split("On the resnet20 (section \"ResNet-20 (alpha 0.1, seed 1)\"):\n")
+    resnet, pattern = resnet.split("The paper's pattern")
+    assert "On the auto (main table):\n\n- **fedmr** against fedavg: alpha 0.5: " in main_part  # the fixture's model
+    # fedmr and fedavg are finished on the resnet20: the late mean (rounds 241-300: the rows of 250 and 300)
+    fedmr = _mean(RESNET["fedmr"], 241, 300) - _mean(RESNET["fedavg"], 241, 300)
+    assert f"{100 * fedmr:.2f}" == "3.50"
+    assert f"- **fedmr** against fedavg: alpha 0.1: {verdict([fedmr], 1.0)}." in resnet
+    assert verdict([fedmr], 1.0) == "ahead by 3.50 points in the one seed (one seed, no interval)"
+    # the strongest other finished method of the section: fedavg (scaffold trails it); moon has not started
+    assert _mean(RESNET["scaffold"], 241, 300) < _mean(RESNET["fedavg"], 241, 300)
+    assert ("- **fedmr** against the strongest other method: alpha 0.1: fedavg (2 of 3 others finished): "
+            f"{verdict([fedmr], 1.0)}.") in resnet
+    # two-stage FedMR is parked at 250: not yet, with the lead in the latest block both cover, 101-200
+    two = "fedmr@first_stage_rounds=4"
+    block = _mean(RESNET[two], 101, 200) - _mean(RESNET["fedavg"], 101, 200)
+    assert (f"- **{two}** against fedavg: alpha 0.1: not yet ({two} partial: 250 of 300 rounds; fedavg "
+            f"finished); rounds 101-200: {100 * block:+.2f} points, one seed; interim, not a verdict.") in resnet
+    assert f"{100 * block:+.2f}" == "+4.50"
+    assert f"**{two}** against the strongest" not in resnet
+    # the pattern: the same rounds on the main model at the same heterogeneity and seed
+    main_late = MAIN["fedmr"][2] - MAIN["fedavg"][2]  # rounds 241-300 lie in the third level
+    assert (f"- **fedmr** at alpha 0.1, seed 1, rounds 241-300 (the late mean): {100 * fedmr:+.2f} points over "
+            f"fedavg on the resnet20, {100 * main_late:+.2f} on the auto: **larger** on the deeper model (by "
+            f"{100 * (fedmr - main_late):.2f} points; one seed each).") in pattern
+    assert f"{100 * main_late:+.2f}" == "+2.00"
+    main_block = MAIN[two][1] - MAIN["fedavg"][1]
+    assert (f"- **{two}** at alpha 0.1, seed 1, rounds 101-200: {100 * block:+.2f} points over fedavg on the "
+            f"resnet20, {100 * main_block:+.2f} on the auto: **smaller** on the deeper model (by "
+            f"{100 * (main_block - block):.2f} points; one seed each; interim, not a verdict).") in pattern
+    assert f"{100 * main_block:+.2f}" == "+8.00"
+    assert pattern.rstrip().endswith("the readings above cover only the finished cells.")
+
+
+def test_the_pattern_is_level_not_yet_or_without_its_main_cells(extended):
+    from fedmr.results import RunWriter
+    from fedmr.study.spec import load_study
+
+    cells = {(m.section, m.method): extended / "results" / "study" / c.name  # as the fixture made them
+             for c in load_study("study.toml").cells for m in c.memberships}
+    two = "fedmr@first_stage_rounds=4"
+
+    def verdict_text() -> str:
+        assert main(["study", "report", "study.toml"]) == 0
+        return _section((extended / "results" / "README.md").read_text(), "Verdict")
+
+    # the main model's lead within a point of the resnet20's: level
+    RunWriter(cells[("main", "fedmr")], resume=True).write_metrics(
+        _steps((0.31, 0.37, 0.43)))  # late lead 0.43 - 0.40 = +3.00 against the resnet20's +3.50
+    # two-stage FedMR parked at round 50 only: no block both cover, so no interim lead
+    partial = cells[("resnet20", two)]
+    shutil.rmtree(partial / "parked")
+    _park(partial, 50, _accuracy(RESNET[two][:1]))
+    text = verdict_text()
+    assert ("- **fedmr** at alpha 0.1, seed 1, rounds 241-300 (the late mean): +3.50 points over fedavg on the "
+            "resnet20, +3.00 on the auto: **level** on the deeper model (within 1 point; one seed each).") in text
+    assert (f"- **{two}** against fedavg: alpha 0.1: not yet ({two} partial: 50 of 300 rounds; fedavg "
+            "finished).") in text
+    assert (f"- **{two}** at alpha 0.1, seed 1: not yet (no 100-round block that both {two} and fedavg cover "
+            "on the resnet20).") in text
+    # without the main model's finished cell at that setting, the page says so
+    (cells[("main", "fedmr")] / "summary.json").unlink()
+    assert ("- **fedmr** at alpha 0.1, seed 1, rounds 241-300 (the late mean): +3.50 points over fedavg on the "
+            "resnet20; the main table has no finished fedmr and fedavg cells at alpha 0.1, seed 1.") in verdict_text()
+
+
+def test_the_resnet20_section_says_where_its_rounds_ran(extended):
+    assert main(["study", "report", "study.toml"]) == 0
+    text = _section((extended / "results" / "README.md").read_text(), "ResNet-20 (alpha 0.1, seed 1)")
+    rows = [line for line in text.split("| method | rounds | processor | precision | compile | s/round |\n")[1]
+            .split("\n\n")[0].splitlines()[1:]]
+    assert rows == [
+        "| fedavg | 1-100 | not recorded (before segments.csv existed) |  |  |  |",  # resumed after segments.csv
+        "| fedavg | 101-200 | AMD EPYC 9B14 (avx512_bf16) | fp32 | false | 60.00 |",
+        "| fedavg | 201-300 | NVIDIA H100 80GB HBM3 | fp32 | true | 2.50 |",
+        "| fedmr@first_stage_rounds=4 | 1-250 | Intel Xeon (amx_bf16) | bf16 | false | 40.00 |",  # parked/ only
+        "| fedmr | 1-300 | not recorded (before segments.csv existed) |  |  |  |",  # no segments.csv at all
+        "| scaffold | 1-300 | not recorded (before segments.csv existed) |  |  |  |",
+    ]  # moon has not started: no row
+    assert text.index("| method | rounds |") < text.index("Lead over fedavg per block")
 
 
 def test_totals_between_and_past_the_probes_rows_and_blocks_covered_to_their_end():

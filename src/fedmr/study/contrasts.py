@@ -1,6 +1,6 @@
 """The study page's comparisons, read by the rules the page states: each contrasted method against the
-baseline ("Differences from ...") and against the strongest other method, paired by seed, and the
-"Verdict" section that gathers their readings.
+baseline ("Differences from ...") and against the strongest other method, paired by seed; the
+"Verdict" section (verdicts.py) gathers their readings.
 
 A difference is in points of accuracy (the late mean); with three or more seeds the reading rests on
 the 95% Student-t interval of the per-seed differences, with fewer on their signs (``verdict``)."""
@@ -88,6 +88,19 @@ def contrasts(page: Sheet, groups: dict[tuple[str, str], list[Entry]], hets: Seq
     page.add(*table(["difference", "heterogeneity", "per seed", "mean", "95% interval", "reading"], rows))
 
 
+def strongest(page: Sheet, groups: dict[tuple[str, str], list[Entry]], method: str, het: str,
+              others: Sequence[str]) -> tuple[str, list[tuple[int, float]], str]:
+    """The other method with the highest accuracy relative to ``method`` on the seeds both finished at ``het``
+    (its paired differences; none where no other finished), and "K of N" others finished."""
+    pairs = {o: p for o in others if (p := paired(page, groups, method, het, o))}
+    label = f"{len(pairs)} of {len(others)}"
+    if not pairs:
+        return "", [], label
+    mean = {o: sum(d for _, d in p) / len(p) for o, p in pairs.items()}
+    rival = min(pairs, key=lambda o: mean[o])  # the highest accuracy relative to the method
+    return rival, pairs[rival], label
+
+
 def rivals(page: Sheet, groups: dict[tuple[str, str], list[Entry]], methods: Sequence[str], hets: Sequence[str]) -> None:
     """Each contrast against the strongest other method of its column: the paper claims FedMR beats
     every baseline, not only the one the table above pairs it with."""
@@ -103,52 +116,15 @@ def rivals(page: Sheet, groups: dict[tuple[str, str], list[Entry]], methods: Seq
     rows = []
     for method in compared:
         for het in hets:
-            pairs = {o: p for o in others if (p := paired(page, groups, method, het, o))}
-            label = f"{len(pairs)} of {len(others)}"
+            rival, pairs, label = strongest(page, groups, method, het, others)
             if not pairs:
                 rows.append([method, het, "no pair finished yet", "", "", "", label])
                 continue
-            mean = {o: sum(d for _, d in p) / len(p) for o, p in pairs.items()}
-            rival = min(pairs, key=lambda o: mean[o])  # the highest accuracy relative to the method
-            diffs = [d for _, d in pairs[rival]]
+            diffs = [d for _, d in pairs]
             reading = verdict(diffs, margin)
-            rows.append([method, het, rival, ", ".join(f"seed {s}: {points(d)}" for s, d in pairs[rival]),
-                         points(mean[rival]), reading, label])
+            rows.append([method, het, rival, ", ".join(f"seed {s}: {points(d)}" for s, d in pairs),
+                         points(sum(diffs) / len(diffs)), reading, label])
             page.rival_verdicts.append((method, het, f"{rival} ({label} others finished): {reading}"))
     page.add(*table(["method", "heterogeneity", "strongest other", "per seed", "mean", "reading",
                       "others finished"], rows))
 
-
-def verdict_section(page: Sheet) -> None:
-    """The rules, then per contrasted method the readings that ``contrasts`` and ``rivals`` kept, and how many
-    cells are still missing."""
-    baseline, margin = page.o["baseline"], float(page.o["tie_margin"])
-    unit = f"{margin:g} point{'' if margin == 1 else 's'}"
-    page.add("## Verdict", "",
-             f"Rules: a method is compared with {baseline} on the paired per-seed difference of accuracy. With three "
-             "or more seeds it is **ahead** (or **behind**) when the 95% t-interval excludes 0, **level** when the "
-             f"interval includes 0 and the mean is within {unit}, otherwise *not established*. With one "
-             f"or two seeds there is no interval: ahead/behind when every seed differs by more than {unit} "
-             f"the same way, level when every seed is within {unit}, otherwise mixed. Differences are in "
-             "percentage points of accuracy; nothing else is claimed.", "")
-    for method in page.o["contrasts"]:
-        readings = [(het, text) for m, het, text in page.verdicts if m == method]
-        if not readings:
-            page.add(f"- **{method}** against {baseline}: no finished pair yet.")
-            continue
-        page.add(f"- **{method}** against {baseline}: " + "; ".join(f"{het}: {text}" for het, text in readings) + ".")
-        strongest = [(het, text) for m, het, text in page.rival_verdicts if m == method]
-        if strongest:
-            page.add(f"- **{method}** against the strongest other method: "
-                     + "; ".join(f"{het}: {text}" for het, text in strongest) + ".")
-    missing = [s for s in page.statuses if not s.finished]
-    if missing:
-        by_priority: dict[int, int] = {}
-        for s in missing:
-            by_priority[s.cell.priority] = by_priority.get(s.cell.priority, 0) + 1
-        page.add(f"- Still missing: {len(missing)} of {len(page.statuses)} cells ("
-                 + ", ".join(f"priority {p}: {n}" for p, n in sorted(by_priority.items()))
-                 + "); the readings above cover only the finished cells.")
-    else:
-        page.add("- Every cell of the study is finished.")
-    page.add("")

@@ -10,8 +10,9 @@ and fonts, so only the page itself is promised byte for byte.
 
 ``Page`` writes the header, the main table and its sections (per client, reach, curves, timing), the
 missing cells and the run folders; the other sections come from the modules beside it: the
-comparisons and the verdict (contrasts.py), the study's other sections (sections.py), flatness
-(flatness.py).  What the page knows of each cell is in cells.py, the page being written in sheet.py.
+comparisons (contrasts.py), the study's other sections (sections.py), flatness (flatness.py) and the
+verdict, per model (verdicts.py).  What the page knows of each cell is in cells.py, the page being
+written in sheet.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from . import clients, contrasts, sections
+from . import clients, contrasts, sections, verdicts
 from .cells import Entry
 from .index import Status
 from .plots import seed_curve, seed_label
@@ -160,7 +161,7 @@ class Page(Sheet):
         from .flatness import Flatness  # nothing without landscape files in the cells' folders
 
         Flatness(self).render()
-        contrasts.verdict_section(self)
+        verdicts.verdict_section(self)
         self.missing()
         self.folders()
         while self.lines and self.lines[-1] == "":

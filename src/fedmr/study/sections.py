@@ -5,7 +5,8 @@ the heading, onto the page:
 * ``section_table``: one row per setting, over its seeds, and the settings' curves;
 * ``precision_pairs`` ("precision"): each bf16 cell beside its fp32 twin (rules and verdict in precision.py);
 * ``communication``: probe runs' traffic, the same tensors on the wire as the main cells';
-* ``long_cells`` ("resnet20"): finished or partial cells, by blocks of ``BLOCK`` rounds."""
+* ``long_cells`` ("resnet20"): finished or partial cells, by blocks of ``BLOCK`` rounds, and where their
+  rounds ran (rounds_ran.py); their verdict is in verdicts.py."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from . import precision as precision_page
+from . import rounds_ran
 from .cells import Entry, first_reach
 from .plots import seed_curve, seed_label
 from .sheet import Sheet, ordered
@@ -196,6 +198,7 @@ def long_cells(page: Sheet, section: str, entries: Sequence[Entry]) -> None:
                       *[f"round to {100 * t:g}%" for t in LONG_THRESHOLDS], "s/round"], rows))
     page.add("s/round: the run's own clock (`elapsed_s` of its last row over its rounds), on whatever machine ran "
              "each part of it and however shared it was; the cell's config says its precision.", "")
+    rounds_ran.section(page, entries)
     base = next((block for e, block in zip(entries, means) if e.variant == baseline), None)
     leads = [[f"{e.variant} - {baseline}", *["" if a is None or b is None else points(a - b) for a, b in zip(block, base)]]
              for e, block in zip(entries, means) if e.variant.startswith("fedmr") and base is not None]
