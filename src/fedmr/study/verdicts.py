@@ -188,6 +188,10 @@ def models(entries: Sequence[Entry], default: str) -> str:
     return "/".join(ordered([e.status.cell.cfg.model for e in entries])) or default
 
 
+def precisions(entries: Sequence[Entry]) -> str:
+    return "/".join(ordered([e.status.cell.cfg.precision for e in entries]))
+
+
 def verdict_section(page: Sheet) -> None:
     """The rules, then per contrasted method the readings that ``contrasts`` and ``rivals`` kept (under the
     main table's model where long-cell sections follow with their own), and how many cells are still missing."""
@@ -201,7 +205,8 @@ def verdict_section(page: Sheet) -> None:
              f"the same way, level when every seed is within {unit}, otherwise mixed. Differences are in "
              "percentage points of accuracy; nothing else is claimed.", "")
     long = [s for s in page.sections if RENDERERS.get(s) is long_cells]
-    main_model = models([e for e in page.entries if e.membership.section == "main"], page.study.base.model)
+    main_entries = [e for e in page.entries if e.membership.section == "main"]
+    main_model, main_precision = models(main_entries, page.study.base.model), precisions(main_entries)
     if long:
         page.add(f"On the {main_model} (main table):", "")
     for method in page.o["contrasts"]:
@@ -223,12 +228,16 @@ def verdict_section(page: Sheet) -> None:
         for method in page.o["contrasts"]:
             for het in ordered([h for m, h in groups if m == method]):
                 page.add(*long_reading(page, groups, others, method, het))
-        patterns.append((model, pattern(page, groups, model, main_model)))
-    for model, lines in patterns:
+        precision = precisions(entries)
+        patterns.append((model, "" if precision == main_precision else
+                         f" The {model} cells train in {precision}, the {main_model} cells in {main_precision}: "
+                         "the leads are each within one precision, and the page's precision section (if any) checks "
+                         "that the change of precision keeps the accuracy.", pattern(page, groups, model, main_model)))
+    for model, note, lines in patterns:
         page.add("", f"The paper's pattern, larger gains on the deeper model: each method's lead over {baseline} on "
                  f"the {model} beside its lead on the {main_model} at the same heterogeneity and seeds, over the same "
                  f"rounds (the late mean once the {model} cells are finished, until then the latest {BLOCK}-round "
-                 f"block both cover); larger or smaller when they differ by more than {unit}, else level.", "")
+                 f"block both cover); larger or smaller when they differ by more than {unit}, else level.{note}", "")
         page.add(*lines)
     if long:
         page.add("")
