@@ -104,6 +104,9 @@ def prepare(cfg: Mapping[str, Any], data: DataSet | None = None, model: Any = No
                     "than fp32", "CPU" if device.type == "cpu" else "GPU")
     if cfg.compile and device.type == "cpu":
         check_cpp_compiler()
+    if cfg.compile:
+        log.info("compile = true: each training process compiles the model once, in its first round "
+                 "(tens of seconds on one core; inductor caches it on disk for later processes)")
     data = data if data is not None else load_dataset(cfg)
     for warning in check_trainable(data):
         log.warning("%s", warning)
