@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("needs two cores (its layouts are ways of using two)")
     import torch
 
-    from benchmarks.precision import cpu_flags, cpu_name
+    from fedmr.machine import processor, processor_flags
 
-    print(f"device: {cpu_name()}; flags: {' '.join(cpu_flags()) or '-'}; torch {torch.__version__}; "
+    print(f"device: {processor()}; flags: {' '.join(processor_flags()) or '-'}; torch {torch.__version__}; "
           f"{args.model}, {args.precision}, compile {str(args.compile).lower()}; {WORK.clients} clients x "
           f"{WORK.epochs} epoch x {WORK.samples} samples, batch {WORK.batch}; {args.rounds} timed rounds a cell")
     rates = {}

@@ -48,18 +48,6 @@ CONFIGS = {"fp32 today": ("fp32", "system", False), "fp32 kept": ("fp32", "kept"
            "bf16 compiled": ("bf16", "kept", True)}
 
 
-def cpu_name() -> str:
-    from fedmr.machine import processor
-
-    return processor()
-
-
-def cpu_flags() -> list[str]:
-    from fedmr.machine import processor_flags
-
-    return processor_flags()
-
-
 def bf16_native(device: str) -> bool:
     from fedmr.training import bf16_is_native
 
@@ -140,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child[0], args.child[1], args.child[2] == "True", args.rounds, args.device)
         return 0
     native = bf16_native(args.device)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_name()
-    print(f"device: {device_name}; flags: {' '.join(cpu_flags()) or '-'}; torch {torch.__version__}; "
+    from fedmr.machine import processor, processor_flags
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else processor()
+    print(f"device: {device_name}; flags: {' '.join(processor_flags()) or '-'}; torch {torch.__version__}; "
           f"cores: {len(os.sched_getaffinity(0))}")
     print(f"bf16: {'native' if native else 'emulated (no bf16 units): measuring the fp32 improvements alone'}")
     asked = [c.strip() for c in args.configs.split(",")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def processor_flags() -> list[str]:
     """Which of ``SPEED_FLAGS`` this CPU has (empty where ``/proc/cpuinfo`` is not readable)."""
     have = set((_cpuinfo_field("flags") or "").split())
     return [f for f in SPEED_FLAGS if f in have]
+
+
+def cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def describe(device: torch.device) -> str:

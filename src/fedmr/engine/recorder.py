@@ -157,8 +157,6 @@ class Recorder:
 
     def segment_rows(self, done: int) -> list[Row]:
         """Where and how rounds 1..``done`` were computed: the resumed run's segments, then this one."""
-        if done < int(self._segment["first_round"]):
-            return list(self.segments)
         return [*self.segments, segments.close(self._segment, done, time.perf_counter() - self._segment_start)]
 
     def elapsed(self) -> float:

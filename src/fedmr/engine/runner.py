@@ -9,7 +9,6 @@ stream, so the order in which clients are trained does not matter.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from torch import nn
 from ..algorithms.base import Algorithm, TrainResult, TrainTask
 from ..config import RunConfig
 from ..errors import ConfigError
+from ..machine import cpu_count
 from ..training import LocalSettings
 from .client import ClientData, train_client
 from .parallel import ProcessPoolRunner
@@ -39,14 +39,6 @@ class SequentialRunner:
 
     def close(self) -> None:
         pass
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_workers(value: int | str, device: torch.device, clients_per_round: int) -> tuple[int, int]:

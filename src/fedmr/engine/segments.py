@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,24 +17,17 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..machine import describe
+from ..machine import cpu_count, describe
 
 COLUMNS = ("first_round", "last_round", "seconds", "s_per_round", "started_utc", "device", "processor", "cores",
            "torch", "precision", "compile", "workers")
 FILE = "segments.csv"
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def begin(cfg: RunConfig, device: torch.device, first_round: int) -> dict[str, Any]:
     """The segment that starts now with round ``first_round`` (1-based); ``close`` completes it."""
     return {"first_round": first_round, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "device": device.type, "processor": describe(device), "cores": _cores(),
+            "device": device.type, "processor": describe(device), "cores": cpu_count(),
             "torch": torch.__version__, "precision": cfg.precision, "compile": cfg.compile,
             "workers": cfg.workers}
 
