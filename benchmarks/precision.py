@@ -48,12 +48,6 @@ CONFIGS = {"fp32 today": ("fp32", "system", False), "fp32 kept": ("fp32", "kept"
            "bf16 compiled": ("bf16", "kept", True)}
 
 
-def bf16_native(device: str) -> bool:
-    from fedmr.training import bf16_is_native
-
-    return bf16_is_native(torch.device(device))
-
-
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of an n x n matmul at ``dtype`` with this process's threads: the practical peak."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -127,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args.child[0], args.child[1], args.child[2] == "True", args.rounds, args.device)
         return 0
-    native = bf16_native(args.device)
     from fedmr.machine import processor, processor_flags
+    from fedmr.training import bf16_is_native
+
+    native = bf16_is_native(torch.device(args.device))
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else processor()
     print(f"device: {device_name}; flags: {' '.join(processor_flags()) or '-'}; torch {torch.__version__}; "
