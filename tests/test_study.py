@@ -157,6 +157,30 @@ def test_dry_run_lists_cells_and_an_equal_finished_run_is_reused(tmp_path, refer
     assert states["seed1-fedavg"] == ("missing", "seed1-fedavg")
 
 
+def test_only_selects_by_config_key_and_by_algorithm_option(tmp_path, monkeypatch, capsys):
+    """--only seed=2 (a config key of the cell) and fedmr.first_stage_rounds=50 (a key of a section);
+    repeated, every filter must hold; a key no cell has is one error line."""
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path, extra="""
+        [[grid]]
+        algorithm = ["fedavg", "fedmr@first_stage_rounds=50"]
+        seed = [2, 3]
+        """)
+
+    def listed(*only: str) -> list[str]:
+        assert main(["study", "run", "study.toml", "--dry-run", *[a for o in only for a in ("--only", o)]]) == 0
+        return [line.split()[3] for line in capsys.readouterr().out.splitlines()[2:-1]]
+
+    assert listed("seed=2") == ["seed2-fedavg", "seed2-fedmr_first_stage_rounds-50"]
+    assert listed("seed=3", "algorithm=fedavg") == ["seed3-fedavg"]
+    assert listed("alpha=0.5", "seed=1") == list(CELLS)
+    assert listed("fedmr.first_stage_rounds=50") == ["seed2-fedmr_first_stage_rounds-50",
+                                                     "seed3-fedmr_first_stage_rounds-50"]
+    assert main(["study", "run", "study.toml", "--dry-run", "--only", "colour=red"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedmr: error: --only colour=...: no such config key (or name, priority, section, state)"]
+
+
 BAD = [
     ("[base]\nlr = 0.0\n", "[base]: config key 'lr' must be positive"),
     ("[base]\nlearning_rate = 0.1\n", "[base]: unknown config key 'learning_rate'"),

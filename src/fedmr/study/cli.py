@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
@@ -74,7 +75,7 @@ def _matches(status: Any, key: str, value: Any) -> bool:
         return cell.cfg.algorithm == value or any(m.method == value for m in cell.memberships)
     node: Any = cell.cfg
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
+        if not isinstance(node, Mapping) or part not in node:  # the RunConfig, then a section
             raise ConfigError(f"--only {key}=...: no such config key (or name, priority, section, state)")
         node = node[part]
     return node == value or str(node) == str(value)
