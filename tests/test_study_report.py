@@ -72,8 +72,11 @@ def test_the_page_holds_the_numbers_the_metrics_give():
 @pytest.mark.parametrize("diffs, reading", [
     ([0.05, 0.04, 0.06], "**ahead** by 5.00 points; the 95% interval (+2.52 to +7.48) excludes 0"),
     ([-0.05, -0.04, -0.06], "**behind** by 5.00 points; the 95% interval (-7.48 to -2.52) excludes 0"),
-    ([0.002, -0.003, 0.004], "**level** (+0.10 points; the 95% interval includes 0)"),
-    ([0.05, -0.01, 0.08], "ahead by 4.00 points on average, **not established**: the 95% interval includes 0"),
+    ([0.002, -0.001, 0.002], "**level** (+0.10 points; the 95% interval (-0.33 to +0.53) lies within 1 point)"),
+    ([-0.03, 0.065, -0.026], "level on average (+0.30 points), **not established**: the 95% interval (-13.05 to "
+                             "+13.65) reaches past 1 point"),
+    ([0.05, -0.01, 0.08], "ahead by 4.00 points on average, **not established**: the 95% interval (-7.38 to "
+                          "+15.38) includes 0"),
     ([0.03], "ahead by 3.00 points in the one seed (one seed, no interval)"),
     ([-0.02, -0.03], "behind by 2.50 points in both seeds (2 seeds, too few for an interval)"),
     ([0.005, -0.004], "level: within 1 point in both seeds (2 seeds, too few for an interval)"),
@@ -108,6 +111,31 @@ def test_docs_results_page_is_current():
     finally:
         os.chdir(here)
     assert text == page.read_text(), "regenerate it: fedmr study report studies/cifar10-cnn.toml"
+
+
+def test_the_strongest_other_is_ranked_on_the_seeds_every_other_shares():
+    """SCAFFOLD with three seeds, clustered with one: ranked on seed 1, which both have, SCAFFOLD is the
+    stronger (its hard seed 2 must not make clustered look stronger), and its differences on all three
+    seeds come with it; without a seed all share, each is ranked on its own seeds."""
+    from types import SimpleNamespace
+
+    from fedmr.study.contrasts import strongest
+
+    def runs(**late: float) -> list:
+        return [SimpleNamespace(seed=int(k[1:]), stats=SimpleNamespace(late=v)) for k, v in late.items()]
+
+    page = SimpleNamespace(o={"baseline": "fedavg"})
+    groups = {("fedmr", "a"): runs(s1=0.40, s2=0.38, s3=0.50), ("scaffold", "a"): runs(s1=0.43, s2=0.36, s3=0.49),
+              ("clustered", "a"): runs(s1=0.42), ("fedavg", "a"): runs(s1=0.38, s2=0.34, s3=0.46)}
+    rival, pairs, label = strongest(page, groups, "fedmr", "a", ["fedavg", "scaffold", "clustered", "moon"])
+    assert (rival, label) == ("scaffold", "3 of 4")
+    assert [s for s, _ in pairs] == [1, 2, 3] and pairs[0][1] == pytest.approx(-0.03)
+    # clustered on seed 2 only, scaffold on seeds 1 and 3: no seed in common, each on its own
+    groups[("clustered", "a")] = runs(s2=0.395)
+    groups[("fedavg", "a")] = runs(s3=0.40)
+    groups[("scaffold", "a")] = runs(s1=0.43, s3=0.49)
+    rival, pairs, _ = strongest(page, groups, "fedmr", "a", ["fedavg", "scaffold", "clustered"])
+    assert (rival, pairs) == ("clustered", [(2, pytest.approx(-0.015))])  # scaffold: -0.03 and +0.01, mean -0.01
 
 
 def test_the_page_compares_each_contrast_with_the_strongest_other_method():

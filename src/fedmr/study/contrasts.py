@@ -26,7 +26,9 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return m - half, m + half
 
 def verdict(diffs: Sequence[float], margin: float) -> str:
-    """The rules the page states: interval (three or more seeds) or sign in every seed (fewer)."""
+    """The rules the page states: interval (three or more seeds) or sign in every seed (fewer).  Level with
+    an interval only when the whole interval lies within the margin: a mean near 0 with a wide interval
+    says the seeds disagree, not that the methods tie."""
     n = len(diffs)
     m = sum(diffs) / n
     tie = margin / 100
@@ -37,10 +39,15 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
             return f"**ahead** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
         if hi < 0:
             return f"**behind** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
+        within = f"{margin:g} point{'' if margin == 1 else 's'}"
+        if -tie < lo and hi < tie:
+            return f"**level** ({points(m)} points; the 95% interval ({points(lo)} to {points(hi)}) lies within {within})"
         if abs(m) < tie:
-            return f"**level** ({points(m)} points; the 95% interval includes 0)"
+            return (f"level on average ({points(m)} points), **not established**: the 95% interval ({points(lo)} to "
+                    f"{points(hi)}) reaches past {within}")
         side = "ahead" if m > 0 else "behind"
-        return f"{side} by {points(abs(m))[1:]} points on average, **not established**: the 95% interval includes 0"
+        return (f"{side} by {points(abs(m))[1:]} points on average, **not established**: the 95% interval "
+                f"({points(lo)} to {points(hi)}) includes 0")
     seeds = "the one seed" if n == 1 else "both seeds" if n == 2 else f"all {n} seeds"
     few = "one seed, no interval" if n == 1 else f"{n} seeds, too few for an interval"
     if all(d > tie for d in diffs):
@@ -90,14 +97,24 @@ def contrasts(page: Sheet, groups: dict[tuple[str, str], list[Entry]], hets: Seq
 
 def strongest(page: Sheet, groups: dict[tuple[str, str], list[Entry]], method: str, het: str,
               others: Sequence[str]) -> tuple[str, list[tuple[int, float]], str]:
-    """The other method with the highest accuracy relative to ``method`` on the seeds both finished at ``het``
-    (its paired differences; none where no other finished), and "K of N" others finished."""
+    """The other method with the highest accuracy relative to ``method`` at ``het``, with its paired
+    differences on every seed both finished (none where no other finished), and "K of N" others finished.
+
+    The others are ranked on the seeds every finished other shares with ``method``, so that one with
+    more seeds is not judged on seeds the others never ran (seeds differ in difficulty: a 3-seed mean
+    against a 1-seed value would rank the seeds, not the methods); where those seeds share none, each
+    is ranked on all its own."""
     pairs = {o: p for o in others if (p := paired(page, groups, method, het, o))}
     label = f"{len(pairs)} of {len(others)}"
     if not pairs:
         return "", [], label
-    mean = {o: sum(d for _, d in p) / len(p) for o, p in pairs.items()}
-    rival = min(pairs, key=lambda o: mean[o])  # the highest accuracy relative to the method
+    common = set.intersection(*({seed for seed, _ in p} for p in pairs.values()))
+
+    def relative(o: str) -> float:
+        diffs = [d for seed, d in pairs[o] if seed in common] or [d for _, d in pairs[o]]
+        return sum(diffs) / len(diffs)
+
+    rival = min(pairs, key=relative)  # the highest accuracy relative to the method
     return rival, pairs[rival], label
 
 
@@ -110,9 +127,11 @@ def rivals(page: Sheet, groups: dict[tuple[str, str], list[Entry]], methods: Seq
         return
     margin = float(page.o["tie_margin"])
     page.add("## Against the strongest other method", "",
-             "Per heterogeneity level, the method other than those compared above with the highest accuracy on the "
-             "seeds it shares with the compared one (the baselines and FedIndep); the difference is paired by seed "
-             "and read by the same rules. **others finished** counts the methods that could be compared.", "")
+             "Per heterogeneity level, the method other than those compared above (the baselines and FedIndep) "
+             "with the highest accuracy relative to the compared one on the seeds that every finished other method "
+             "shares with it (so that a method with more seeds is not ranked on seeds the others never ran); its "
+             "difference is then paired by seed on every seed both finished and read by the same rules. **others "
+             "finished** counts the methods that could be compared.", "")
     rows = []
     for method in compared:
         for het in hets:

@@ -200,7 +200,7 @@ def verdict_section(page: Sheet) -> None:
     page.add("## Verdict", "",
              f"Rules: a method is compared with {baseline} on the paired per-seed difference of accuracy. With three "
              "or more seeds it is **ahead** (or **behind**) when the 95% t-interval excludes 0, **level** when the "
-             f"interval includes 0 and the mean is within {unit}, otherwise *not established*. With one "
+             f"whole interval lies within {unit} of 0, otherwise *not established*. With one "
              f"or two seeds there is no interval: ahead/behind when every seed differs by more than {unit} "
              f"the same way, level when every seed is within {unit}, otherwise mixed. Differences are in "
              "percentage points of accuracy; nothing else is claimed.", "")
