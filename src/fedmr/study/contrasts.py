@@ -32,6 +32,7 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
     n = len(diffs)
     m = sum(diffs) / n
     tie = margin / 100
+    within = f"{margin:g} point{'' if margin == 1 else 's'}"
     ci = t_interval(diffs)
     if ci is not None:
         lo, hi = ci
@@ -39,7 +40,6 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
             return f"**ahead** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
         if hi < 0:
             return f"**behind** by {points(m)[1:]} points; the 95% interval ({points(lo)} to {points(hi)}) excludes 0"
-        within = f"{margin:g} point{'' if margin == 1 else 's'}"
         if -tie < lo and hi < tie:
             return f"**level** ({points(m)} points; the 95% interval ({points(lo)} to {points(hi)}) lies within {within})"
         if abs(m) < tie:
@@ -55,7 +55,7 @@ def verdict(diffs: Sequence[float], margin: float) -> str:
     if all(d < -tie for d in diffs):
         return f"behind by {points(-m)[1:]} points in {seeds} ({few})"
     if all(abs(d) <= tie for d in diffs):
-        return f"level: within {margin:g} point{'' if margin == 1 else 's'} in {seeds} ({few})"
+        return f"level: within {within} in {seeds} ({few})"
     ahead = sum(d > 0 for d in diffs)
     return f"mixed: ahead in {ahead} of {n} seeds, mean {points(m)} points ({few})"
 
