@@ -45,6 +45,20 @@ def test_report_rebuilds_the_committed_page_byte_for_byte(tmp_path, monkeypatch,
     assert (root / "results" / "study" / "plots" / "main-IID.png").read_bytes() == first  # stable on one machine
 
 
+def test_a_cell_declared_again_with_settings_that_change_no_result_is_one_row(tmp_path, monkeypatch):
+    """FedProx at alpha 0.5 declared a second time in the main section, keeping its models
+    (save_model_every, as the flatness study does): the same run, so the page is the committed one, with
+    no second row named "fedprox (save_model_every=5)" and no method compared with itself."""
+    root = _copy(tmp_path)
+    with (root / "study.toml").open("a") as fh:
+        fh.write('\n[[grid]]\nalgorithm = ["fedprox"]\nalpha = [0.5]\nseed = [1]\nsave_model_every = [5]\n')
+    monkeypatch.chdir(root)
+    assert main(["study", "report", "study.toml"]) == 0
+    page = (root / "results" / "README.md").read_text()
+    assert "save_model_every" not in page
+    assert page == (FIXTURE / "results" / "README.md").read_text()
+
+
 def _late(folder: Path) -> float:
     rows = read_metrics(folder / "metrics.csv")
     return float(np.mean([r["accuracy"] for r in rows if r["round"] > 8]))  # rounds 9-10 of 10: the last 20%

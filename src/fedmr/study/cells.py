@@ -14,7 +14,7 @@ from pathlib import Path
 from ..results import read_metrics
 from .index import Status
 from .parking import PARKED
-from .spec import Membership, heterogeneity
+from .spec import NOT_RESULTS, Membership, heterogeneity
 
 
 def first_reach(rows: Sequence[dict[str, float]], threshold: float) -> int | None:
@@ -111,7 +111,9 @@ class Entry:
 
     @property
     def method(self) -> str:
+        """The cell's method as the page names it: the variant and the settings that change results
+        (not ``save_model_every`` or ``save_pool``: a rerun that keeps its models is the same method)."""
         others = [f"{k}={v}" for k, v in self.membership.settings.items()
-                  if k not in ("algorithm", "seed", "alpha", "partition")]
+                  if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
         return self.variant + (f" ({', '.join(others)})" if others else "")
 

@@ -61,14 +61,7 @@ class Measured:
 
     @property
     def method(self) -> str:
-        """The cell's method as the page names it, without the settings that change no result
-        (``save_model_every``, ``save_pool``: a rerun that keeps its models is the same method)."""
-        from .spec import NOT_RESULTS
-
-        e = self.entry
-        others = [f"{k}={v}" for k, v in e.membership.settings.items()
-                  if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
-        return e.variant + (f" ({', '.join(others)})" if others else "")
+        return self.entry.method
 
     @property
     def eigen(self) -> float | None:

@@ -39,7 +39,11 @@ class Sheet:
             held = None if s.finished else parked(s.folder)
             if held:
                 self.parked[s.cell.name] = held
-            self.entries += [Entry(m, s, stats, held) for m in s.cell.memberships]
+            sections: set[str] = set()
+            for m in s.cell.memberships:  # one row per section: a cell declared again there is the same run
+                if m.section not in sections:
+                    sections.add(m.section)
+                    self.entries.append(Entry(m, s, stats, held))
         self.sections = ordered([e.membership.section for e in self.entries])
         self.lines: list[str] = []
         self.drawn: set[Path] = set()
