@@ -99,6 +99,39 @@ def test_flatness_section_reads_the_landscape_files(tmp_path, monkeypatch):
     assert _report(root, monkeypatch) == page  # byte-stable
 
 
+def test_cells_of_another_setting_are_compared_among_themselves(tmp_path, monkeypatch):
+    """A section of cells trained with one local epoch (as a ResNet-20 section differs by its model) at the
+    same heterogeneity as the main cells: its FedMR is read against its own FedAvg, never the main one."""
+    from fedmr.config import to_toml
+    from fedmr.results import RunWriter
+    from fedmr.study.spec import load_study
+
+    root = _copy(tmp_path)
+    with (root / "study.toml").open("a") as fh:
+        fh.write('\n[[grid]]\npriority = 3\nsection = "short"\ntitle = "One local epoch"\n'
+                 'algorithm = ["fedavg", "fedmr"]\nalpha = [0.5]\nseed = [1]\nlocal_epochs = [1]\n')
+    monkeypatch.chdir(root)
+    study = root / "results" / "study"
+    for c in load_study("study.toml").cells:
+        if c.cfg.local_epochs == 1:
+            writer = RunWriter(study / c.name, resume=True)
+            writer.write_config(c.cfg)
+            writer.write_metrics([{"round": r, "accuracy": 0.5} for r in range(2, 11, 2)])
+            writer.write_summary({"rounds": 10, "wall_seconds": 10.0})
+            assert (study / c.name / "config.toml").read_text() == to_toml(c.cfg)
+            big = c.cfg.algorithm == "fedavg"  # here FedAvg is the flatter: 5 against FedMR's 20
+            _write(study / c.name / "landscape.json", _doc(c.name, 5.0 if big else 20.0, 50.0 if big else 200.0, 0.5))
+    _write(study / "alpha0.5-seed1-fedmr" / "landscape.json", _doc("x/fedmr", 10.0, 100.0, 0.70))
+    _write(root / "results" / "earlier" / "fedavg" / "landscape.json", _doc("x/fedavg", 40.0, 300.0, 0.60))
+    section = _report(root, monkeypatch).split("## Flatness (the paper's argument)")[1].split("## Verdict")[0]
+    assert "| method | setting | seed |" in section
+    assert "| fedmr | alpha 0.5, local_epochs=1 | 1 | 20 | 200 ± 10 |" in section
+    assert "- alpha 0.5, seed 1: fedmr's global model is **flatter** than fedavg's: top eigenvalue 10 against 40" in section
+    assert ("- alpha 0.5, local_epochs=1, seed 1: fedmr's global model is **not flatter** than fedavg's, it is sharper: "
+            "top eigenvalue 20 against 5") in section
+    assert "plots/flatness-1d-alpha0.5-local_epochs-1.png" in section
+
+
 def test_not_flatter_is_said_and_a_real_landscape_file_is_read(tmp_path, monkeypatch, one_torch_thread):
     """A cell measured by `fedmr landscape` itself (an untrained model put in the cell's folder)."""
     from fedmr.config import load_config

@@ -110,10 +110,16 @@ class Entry:
         return heterogeneity(self.status.cell.cfg)
 
     @property
+    def others(self) -> list[str]:
+        """The cell's declared settings beside its method, seed and heterogeneity that change results
+        (``model=resnet20``; not ``save_model_every`` or ``save_pool``: a rerun that keeps its models is the
+        same cell)."""
+        return [f"{k}={v}" for k, v in self.membership.settings.items()
+                if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
+
+    @property
     def method(self) -> str:
-        """The cell's method as the page names it: the variant and the settings that change results
-        (not ``save_model_every`` or ``save_pool``: a rerun that keeps its models is the same method)."""
-        others = [f"{k}={v}" for k, v in self.membership.settings.items()
-                  if k not in ("algorithm", "seed", "alpha", "partition") and k not in NOT_RESULTS]
+        """The cell's method as the page names it: the variant and its other settings."""
+        others = self.others
         return self.variant + (f" ({', '.join(others)})" if others else "")
 

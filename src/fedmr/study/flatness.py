@@ -18,7 +18,8 @@ The reading in words follows rules stated on the page: a model is *flatter* than
 top eigenvalue and its trace are lower (the trace by more than two combined standard errors; with no
 trace, the eigenvalue alone), *sharper* when both are higher, otherwise the two measures disagree.
 Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
-accuracy across the methods measured at one heterogeneity level (three or more methods).
+accuracy across the methods measured in one setting (heterogeneity level, and model where the cells differ
+in it; three or more methods).
 """
 
 from __future__ import annotations
@@ -61,7 +62,14 @@ class Measured:
 
     @property
     def method(self) -> str:
-        return self.entry.method
+        """The variant alone: methods are compared within one :attr:`setting`."""
+        return self.entry.variant
+
+    @property
+    def setting(self) -> str:
+        """What the model was trained in: the heterogeneity and the cell's other settings (a ResNet-20 cell
+        in bf16 is not compared with a CNN cell)."""
+        return ", ".join([self.entry.het, *self.entry.others])
 
     @property
     def eigen(self) -> float | None:
@@ -188,29 +196,30 @@ class Flatness:
 
     def table(self) -> None:
         rows = []
-        for m in sorted(self.measured, key=lambda m: (m.entry.het, m.method, m.entry.seed)):
+        for m in sorted(self.measured, key=lambda m: (m.setting, m.method, m.entry.seed)):
             f = m.final
             trace = (_g(m.trace[0]) + ("" if math.isnan(m.trace[1]) else f" ± {_g(m.trace[1], 2)}")) if m.trace else ""
             train = f.get("train", {})
             samples = f.get("data", {}).get("samples")
             eigen = _g(m.eigen) + ("" if f.get("eigen", {}).get("converged", True) else " (not converged)")
-            rows.append([m.method, m.entry.het, str(m.entry.seed), eigen, trace,
+            rows.append([m.method, m.setting, str(m.entry.seed), eigen, trace,
                          f"{train['loss']:.4f}" if "loss" in train else "",
                          f"{100 * m.accuracy:.2f}" if m.accuracy is not None else "", str(samples or "")])
         if rows:
-            self.page.add(*_table(["method", "heterogeneity", "seed", "top eigenvalue", "trace ± SE", "training loss",
+            where = "heterogeneity" if all(m.setting == m.entry.het for m in self.measured) else "setting"
+            self.page.add(*_table(["method", where, "seed", "top eigenvalue", "trace ± SE", "training loss",
                                    "test accuracy (%)", "samples"], rows))
 
-    def _by_het(self) -> dict[str, list[Measured]]:
+    def _by_setting(self) -> dict[str, list[Measured]]:
         out: dict[str, list[Measured]] = {}
         for m in self.measured:
             if m.final:
-                out.setdefault(m.entry.het, []).append(m)
+                out.setdefault(m.setting, []).append(m)
         return out
 
     def reading(self) -> None:
         lines = []
-        for het, group in self._by_het().items():
+        for het, group in self._by_setting().items():
             for seed in sorted({m.entry.seed for m in group}):
                 here = {m.method: m for m in group if m.entry.seed == seed}
                 base = here.get(self.baseline)
@@ -255,7 +264,7 @@ class Flatness:
                 f"with test accuracy is {rho:+.2f}: {what}."]
 
     def curves(self) -> None:
-        for het, group in self._by_het().items():
+        for het, group in self._by_setting().items():
             curves = {f"{m.method} (seed {m.entry.seed})": m.final["curve_1d"] for m in
                       sorted(group, key=lambda m: (m.method != self.baseline, m.method, m.entry.seed))
                       if "curve_1d" in m.final}
@@ -273,24 +282,25 @@ class Flatness:
                 label = f"{m.method} -> {end.method if end else other}"
                 path = doc["path"]
                 chord = f"{path['barrier_linear']:.4f}" if "barrier_linear" in path else ""
-                rows.append([m.entry.het, str(m.entry.seed), label, f"{path['loss'][0]:.4f}", f"{path['loss'][-1]:.4f}",
+                rows.append([m.setting, str(m.entry.seed), label, f"{path['loss'][0]:.4f}", f"{path['loss'][-1]:.4f}",
                              f"{max(path['loss']):.4f} (t = {path['barrier_at']:g})", f"{path['barrier']:.4f}", chord])
-                drawn.setdefault(m.entry.het, {})[f"{label} (seed {m.entry.seed})"] = path
+                drawn.setdefault(m.setting, {})[f"{label} (seed {m.entry.seed})"] = path
         if not rows:
             return
         self.page.add("Straight line between two final models (training loss on the subset; the barrier is the "
                       "highest loss on the line minus the mean of the two ends' losses; above the chord: the highest "
                       "loss minus the straight line between the ends' losses, 0 when the loss never rises above it):", "")
-        self.page.add(*_table(["heterogeneity", "seed", "from -> to", "loss at t = 0", "loss at t = 1", "highest",
+        where = "heterogeneity" if all(m.setting == m.entry.het for m in self.measured) else "setting"
+        self.page.add(*_table([where, "seed", "from -> to", "loss at t = 0", "loss at t = 1", "highest",
                                "barrier", "above the chord"], sorted(rows)))
         for het, paths in drawn.items():
             self._figure("path", het, f"Straight line between final models, {het}",
                          lambda out, p=paths, h=het: _draw("paths", p, out, f"straight line, {h}"))
 
     def over_rounds(self) -> None:
-        series = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.eigen_rounds)
+        series = {f"{m.method} ({m.setting}, seed {m.entry.seed})": sorted(m.eigen_rounds)
                   for m in self.measured if m.eigen_rounds}
-        barriers = {f"{m.method} ({m.entry.het}, seed {m.entry.seed})": sorted(m.pool_barriers)
+        barriers = {f"{m.method} ({m.setting}, seed {m.entry.seed})": sorted(m.pool_barriers)
                     for m in self.measured if m.pool_barriers}
         if not series and not barriers:
             return
@@ -347,7 +357,7 @@ class Flatness:
 
     def _figure(self, kind: str, het: str, alt: str, draw: Any) -> None:
         p = self.page
-        name = f"flatness-{kind}" + (f"-{het.replace(' ', '')}" if het else "")
+        name = f"flatness-{kind}" + ("-" + re.sub(r"[,=]+", "-", het.replace(" ", "")) if het else "")
         path = p.plots / f"{name}.png"
         if p.draw:
             draw(path)
