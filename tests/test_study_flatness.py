@@ -99,28 +99,41 @@ def test_flatness_section_reads_the_landscape_files(tmp_path, monkeypatch):
     assert _report(root, monkeypatch) == page  # byte-stable
 
 
-def test_cells_of_another_setting_are_compared_among_themselves(tmp_path, monkeypatch):
+def _short_section(root: Path) -> dict[str, Path]:
     """A section of cells trained with one local epoch (as a ResNet-20 section differs by its model) at the
-    same heterogeneity as the main cells: its FedMR is read against its own FedAvg, never the main one."""
+    main cells' heterogeneity, alpha 0.5: its FedAvg and FedMR run folders (config only)."""
     from fedmr.config import to_toml
     from fedmr.results import RunWriter
     from fedmr.study.spec import load_study
 
-    root = _copy(tmp_path)
     with (root / "study.toml").open("a") as fh:
         fh.write('\n[[grid]]\npriority = 3\nsection = "short"\ntitle = "One local epoch"\n'
                  'algorithm = ["fedavg", "fedmr"]\nalpha = [0.5]\nseed = [1]\nlocal_epochs = [1]\n')
-    monkeypatch.chdir(root)
-    study = root / "results" / "study"
-    for c in load_study("study.toml").cells:
+    folders = {}
+    for c in load_study(root / "study.toml").cells:
         if c.cfg.local_epochs == 1:
-            writer = RunWriter(study / c.name, resume=True)
-            writer.write_config(c.cfg)
-            writer.write_metrics([{"round": r, "accuracy": 0.5} for r in range(2, 11, 2)])
-            writer.write_summary({"rounds": 10, "wall_seconds": 10.0})
-            assert (study / c.name / "config.toml").read_text() == to_toml(c.cfg)
-            big = c.cfg.algorithm == "fedavg"  # here FedAvg is the flatter: 5 against FedMR's 20
-            _write(study / c.name / "landscape.json", _doc(c.name, 5.0 if big else 20.0, 50.0 if big else 200.0, 0.5))
+            folder = folders[c.cfg.algorithm] = root / "results" / "study" / c.name
+            RunWriter(folder, resume=True).write_config(c.cfg)
+            assert (folder / "config.toml").read_text() == to_toml(c.cfg)
+    return folders
+
+
+def _finish(folder: Path) -> None:
+    from fedmr.results import RunWriter
+
+    writer = RunWriter(folder, resume=True)
+    writer.write_metrics([{"round": r, "accuracy": 0.5} for r in range(2, 11, 2)])
+    writer.write_summary({"rounds": 10, "wall_seconds": 10.0})
+
+
+def test_cells_of_another_setting_are_compared_among_themselves(tmp_path, monkeypatch):
+    """The short section's FedMR is read against its own FedAvg, never the main one."""
+    root = _copy(tmp_path)
+    study = root / "results" / "study"
+    for algorithm, folder in _short_section(root).items():
+        _finish(folder)
+        flat = algorithm == "fedavg"  # here FedAvg is the flatter: 5 against FedMR's 20
+        _write(folder / "landscape.json", _doc(folder.name, 5.0 if flat else 20.0, 50.0 if flat else 200.0, 0.5))
     _write(study / "alpha0.5-seed1-fedmr" / "landscape.json", _doc("x/fedmr", 10.0, 100.0, 0.70))
     _write(root / "results" / "earlier" / "fedavg" / "landscape.json", _doc("x/fedavg", 40.0, 300.0, 0.60))
     section = _report(root, monkeypatch).split("## Flatness (the paper's argument)")[1].split("## Verdict")[0]
@@ -130,6 +143,27 @@ def test_cells_of_another_setting_are_compared_among_themselves(tmp_path, monkey
     assert ("- alpha 0.5, local_epochs=1, seed 1: fedmr's global model is **not flatter** than fedavg's, it is sharper: "
             "top eigenvalue 20 against 5") in section
     assert "plots/flatness-1d-alpha0.5-local_epochs-1.png" in section
+
+
+def test_a_cell_still_running_gives_its_models_over_the_rounds(tmp_path, monkeypatch):
+    """FedMR parked at round 6 of 10, its checkpoints at rounds 2 and 4 measured into models/ (as the ResNet-20
+    cells' are between sittings): on the over-rounds plot and read against FedAvg, with no final row."""
+    root = _copy(tmp_path)
+    folders = _short_section(root)
+    _finish(folders["fedavg"])
+    _write(folders["fedavg"] / "landscape.json", _doc("f", 30.0, 300.0, 0.5))
+    (folders["fedmr"] / "parked").mkdir()
+    (folders["fedmr"] / "parked" / "round-000006.json").write_text("{}")
+    for r, (a, b) in {2: (5.0, 4.0), 4: (8.0, 3.0), 6: (9.0, 2.0)}.items():
+        _write(folders["fedavg"] / "models" / f"round-{r:06d}-landscape.json", {**_doc("f", a, 1.0, 0.5), "models": [{}]})
+        if r < 6:
+            _write(folders["fedmr"] / "models" / f"round-{r:06d}-landscape.json", {**_doc("m", b, 1.0, 0.5), "models": [{}]})
+    section = _report(root, monkeypatch).split("## Flatness (the paper's argument)")[1].split("## Verdict")[0]
+    assert "| fedavg | alpha 0.5, local_epochs=1 | 1 | 30 |" in section
+    assert "| fedmr | alpha 0.5, local_epochs=1 |" not in section  # no final model yet
+    assert ("- fedmr (alpha 0.5, local_epochs=1, seed 1): its top eigenvalue is below fedavg's from round 2 on "
+            "(at round 4: 3 against 8).") in section
+    assert "plots/flatness-rounds.png" in section
 
 
 def test_not_flatter_is_said_and_a_real_landscape_file_is_read(tmp_path, monkeypatch, one_torch_thread):

@@ -106,22 +106,25 @@ def _measured_folder(folders: Sequence[Path]) -> tuple[Path, dict[str, Any] | No
 
 def collect(entries: Sequence[Entry], reruns: Sequence[Path] = ()) -> list[Measured]:
     """Each finished cell's landscape files: in its own run folder, or else in a rerun of it (an equal
-    finished run, as the study's reuse matches them) under the ``reruns`` folders ([study] landscape)."""
+    finished run, as the study's reuse matches them) under the ``reruns`` folders ([study] landscape).
+    A cell still running (parked between sittings) gives only its models measured over the rounds
+    (``models/round-NNNNNN-landscape.json``, e.g. from its checkpoints with ``--out RUN/models``)."""
     from .index import RunFinder
 
     finder = RunFinder(list(reruns)) if reruns else None
     found: dict[str, Measured] = {}
     for e in entries:
-        if e.stats is None or e.status.cell.name in found:
+        if e.status.cell.name in found:
             continue
-        again = finder.runs.get(finder.key(e.status.cell.cfg, e.status.cell.cfg.rounds), []) if finder else []
+        again = finder.runs.get(finder.key(e.status.cell.cfg, e.status.cell.cfg.rounds), []) \
+            if finder and e.stats else []
         held = _measured_folder([e.status.folder, *again])
-        if held is None:
+        if held is None or (e.stats is None and not held[2]):
             continue
         folder, final, rounds = held
         models = folder / "models"
-        m = Measured(e, folder, final or {})
-        for path in sorted(folder.glob("landscape-path-*.json")):
+        m = Measured(e, folder, (final or {}) if e.stats else {})
+        for path in sorted(folder.glob("landscape-path-*.json")) if e.stats else []:
             doc = _read(path)
             if doc and "path" in doc and len(doc.get("models", [])) == 2:
                 m.paths.append((Path(str(doc["models"][1]["run"])).name, doc))
@@ -196,7 +199,7 @@ class Flatness:
 
     def table(self) -> None:
         rows = []
-        for m in sorted(self.measured, key=lambda m: (m.setting, m.method, m.entry.seed)):
+        for m in sorted((m for m in self.measured if m.final), key=lambda m: (m.setting, m.method, m.entry.seed)):
             f = m.final
             trace = (_g(m.trace[0]) + ("" if math.isnan(m.trace[1]) else f" ± {_g(m.trace[1], 2)}")) if m.trace else ""
             train = f.get("train", {})
