@@ -166,6 +166,27 @@ def test_a_cell_still_running_gives_its_models_over_the_rounds(tmp_path, monkeyp
     assert "plots/flatness-rounds.png" in section
 
 
+def test_several_pairs_of_pool_members_are_averaged_and_one_basin_needs_every_line(tmp_path, monkeypatch):
+    """Pairs 0-1 and 2-3 of the pool measured at rounds 2, 4 and 6: the reading gives the mean barrier per
+    round, and one basin only from the round on which every measured line stays near its chord."""
+    root = _copy(tmp_path)
+    study = root / "results" / "study"
+    two_stage = study / "alpha0.5-seed1-fedmr_first_stage_rounds-4"
+    _write(two_stage / "landscape.json", _doc("x/two", 50.0, 400.0, 0.55))
+    lines = {2: ([1.0, 1.8, 1.0], [1.0, 1.4, 1.0]), 4: ([1.0, 1.001, 1.0], [1.0, 1.3, 1.0]),
+             6: ([1.0, 1.001, 1.0], [1.0, 1.005, 1.0])}
+    for r, pairs in lines.items():
+        pool = f"t/models/round-{r:06d}-pool.safetensors"
+        for (a, b), losses in zip([(0, 1), (2, 3)], pairs):
+            _write(two_stage / "models" / f"round-{r:06d}-pool-m{a}-landscape-path-m{b}.json",
+                   _path_doc("t", "t", losses, f"{pool}@{a}", f"{pool}@{b}"))
+    section = _report(root, monkeypatch).split("## Flatness (the paper's argument)")[1].split("## Verdict")[0]
+    assert ("- fedmr@first_stage_rounds=4 (alpha 0.5, seed 1): the barrier between two pool members "
+            "(highest loss above the ends' mean; the mean over 2 pairs of members) goes from 0.6000 (round 2) to "
+            "0.0030 (round 6); the loss on every measured line stays within 1% of the chord between the ends "
+            "(one basin) from round 6 on.") in section
+
+
 def test_not_flatter_is_said_and_a_real_landscape_file_is_read(tmp_path, monkeypatch, one_torch_thread):
     """A cell measured by `fedmr landscape` itself (an untrained model put in the cell's folder)."""
     from fedmr.config import load_config

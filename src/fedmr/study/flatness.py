@@ -143,6 +143,18 @@ def collect(entries: Sequence[Entry], reruns: Sequence[Path] = ()) -> list[Measu
     return list(found.values())
 
 
+def _pair_means(values: Sequence[tuple[int, float, float, float]]) -> list[tuple[int, float, float, float]]:
+    """Per round, the mean over the pairs of pool members measured at it (one pair: its own numbers)."""
+    by_round: dict[int, list[tuple[int, float, float, float]]] = {}
+    for v in values:
+        by_round.setdefault(v[0], []).append(v)
+    out = []
+    for r, vs in sorted(by_round.items()):
+        n = len(vs)
+        out.append((r, sum(v[1] for v in vs) / n, sum(v[2] for v in vs) / n, sum(v[3] for v in vs) / n))
+    return out
+
+
 def _g(x: float | None, digits: int = 4) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
@@ -317,21 +329,28 @@ class Flatness:
                                            "top Hessian eigenvalue", mark, "two-stage switch" if mark else ""))
             lines += self._diverge(series)
         if barriers:
-            points = {f"{k}: {what}": [(v[0], v[i]) for v in values] for k, values in barriers.items()
+            means = {k: _pair_means(v) for k, v in barriers.items()}
+            points = {f"{k}: {what}": [(v[0], v[i]) for v in values] for k, values in means.items()
                       for i, what in ((1, "above the ends' mean"), (2, "above the chord"))}
             self._figure("pool-barrier", "", "Barrier between two members of FedMR's pool over the rounds",
                          lambda out: _draw("rounds", points, out, "barrier between two pool members",
                                            "barrier (training loss)", mark, "two-stage switch" if mark else ""))
             for label, values in barriers.items():
-                basin = next((r for i, (r, *_) in enumerate(values)
-                              if all(c <= BASIN * e for _, _, c, e in values[i:])), None)
-                where = (f"the loss on the line stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
+                rounds = sorted({r for r, *_ in values})
+                basin = next((r for i, r in enumerate(rounds)
+                              if all(c <= BASIN * e for q, _, c, e in values if q >= r)), None)
+                pairs = max(sum(1 for q, *_ in values if q == r) for r in rounds)
+                which = f"; the mean over {pairs} pairs of members" if pairs > 1 else ""
+                every = "every measured line" if pairs > 1 else "the line"
+                where = (f"the loss on {every} stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
                          f"from round {basin} on" if basin is not None else
-                         f"the loss on the line rises more than {100 * BASIN:g}% above the chord up to the last measured "
-                         "round: the members are in separate basins")
-                lines.append(f"- {label}: the barrier between two pool members (highest loss above the ends' mean) goes "
-                             f"from {values[0][1]:.4f} (round {values[0][0]}) to {values[-1][1]:.4f} (round "
-                             f"{values[-1][0]}); {where}.")
+                         f"the loss on {every} rises more than {100 * BASIN:g}% above the chord up to the last "
+                         "measured round: the members are in separate basins" if pairs == 1 else
+                         f"the loss on some line rises more than {100 * BASIN:g}% above the chord up to the last "
+                         "measured round: not all members are in one basin")
+                first, last = means[label][0], means[label][-1]
+                lines.append(f"- {label}: the barrier between two pool members (highest loss above the ends' mean{which}) goes "
+                             f"from {first[1]:.4f} (round {first[0]}) to {last[1]:.4f} (round {last[0]}); {where}.")
         if lines:
             self.page.add(*lines, "")
 
