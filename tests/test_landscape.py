@@ -257,3 +257,18 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case, message)
     code, out, err = landscape(args, capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("fedmr: error: ") and message in err, err
+
+
+def test_the_over_rounds_plot_is_logarithmic_only_for_a_wide_positive_range(tmp_path, monkeypatch):
+    """A CNN's eigenvalues (tens) beside a ResNet-20's (thousands) on one plot: a log axis; a narrow range or
+    a barrier that is 0 somewhere: linear."""
+    from fedmr.landscape import plots
+
+    scales: list[str] = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (scales.append(fig.axes[0].get_yscale()), save(fig, path)))
+    plots.draw_over_rounds({"cnn": [(50, 30.0), (100, 40.0)]}, tmp_path / "a.png", "t", "y")
+    plots.draw_over_rounds({"cnn": [(50, 30.0)], "resnet20": [(100, 3000.0)]}, tmp_path / "b.png", "t", "y")
+    plots.draw_over_rounds({"pool": [(50, 0.0), (100, 3000.0)]}, tmp_path / "c.png", "t", "y")
+    assert scales == ["linear", "log", "linear"]
+    assert all((tmp_path / f"{n}.png").is_file() for n in "abc")

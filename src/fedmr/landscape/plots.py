@@ -79,11 +79,16 @@ def draw_paths(paths: Mapping[str, Mapping[str, Any]], path: Path, title: str, e
 
 def draw_over_rounds(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, title: str, ylabel: str,
                      mark: float | None = None, mark_label: str = "") -> None:
-    """A quantity against the round, one line per label; ``mark`` draws a vertical line (e.g. a switch)."""
+    """A quantity against the round, one line per label; ``mark`` draws a vertical line (e.g. a switch). A
+    positive quantity spanning more than a factor of 20 (models of different sizes on one plot) is drawn on a
+    logarithmic axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     for label, points in series.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, linewidth=1.4, label=label)
+    values = [p[1] for points in series.values() for p in points]
+    if values and min(values) > 0 and max(values) > 20 * min(values):
+        ax.set_yscale("log")
     if mark is not None:
         ax.axvline(mark, color="grey", linestyle=":", linewidth=1.0, label=mark_label or None)
     ax.set_xlabel("round")
