@@ -83,8 +83,10 @@ def test_flatness_section_reads_the_landscape_files(tmp_path, monkeypatch):
             "(0.25 times fedavg's), trace 100 ± 10 against 300 ± 10.") in section
     assert "fedmr@first_stage_rounds=4's global model is **not flatter** than fedavg's, it is sharper" in section
     # fedprox's trace (310 ± 10) is within two combined standard errors of fedavg's: fedprox is no contrast, unread
-    assert "Spearman's rank correlation of the top eigenvalue with test accuracy is -1.00: the flatter models are " \
-           "the more accurate ones" in section
+    # four models in a perfect order: an ordering that arises by chance 2 times in 24, so not established
+    assert ("Spearman's rank correlation of the top eigenvalue with test accuracy is -1.00 (two-sided p = 0.083, exact "
+            "over the 24 orderings): the flatter models are the more accurate ones, **not established** with 4 "
+            "models.") in section
     assert "- IID: too few methods measured" not in section  # no IID cell was measured
     assert "| alpha 0.5 | 1 | fedavg -> fedmr | 0.5000 | 0.4000 | 1.3000 (t = 0.5) | 0.8500 | 0.8500 |" in section
     assert ("- fedmr@first_stage_rounds=4 (alpha 0.5, seed 1): its top eigenvalue is below fedavg's from round 4 on "
@@ -246,3 +248,18 @@ def test_a_rerun_of_a_cell_under_study_landscape_is_read_for_it(tmp_path, monkey
     study.write_text(study.read_text().replace('landscape = ["reruns"]', 'landscape = "reruns"'))
     monkeypatch.chdir(root)
     assert main(["study", "report", "study.toml"]) == 2
+
+
+def test_the_rank_correlation_p_value_is_exact_for_few_models():
+    """n models in a perfect order arise by chance in 2 of the n! orderings (either direction): p = 2 / n!."""
+    from scipy import stats
+
+    from fedmr.study.flatness import _rank_p
+
+    assert _rank_p([3.0, 2.0, 1.0], [0.1, 0.2, 0.3]) == (pytest.approx(1 / 3), "exact over the 6 orderings")
+    assert _rank_p([1.0, 2.0, 3.0, 4.0, 5.0], [1, 2, 3, 4, 5])[0] == pytest.approx(2 / 120)  # established at 5%
+    # one neighbouring pair swapped of four: rho = 0.8; |rho| >= 0.8 for the identity, its 3 neighbour swaps
+    # and their 4 reversals: 8 of the 24 orderings
+    assert _rank_p([1.0, 2.0, 3.0, 4.0], [2, 1, 3, 4])[0] == pytest.approx(8 / 24)
+    x, y = list(range(9)), [0, 2, 1, 3, 5, 4, 6, 8, 7]
+    assert _rank_p(x, y) == (pytest.approx(float(stats.spearmanr(x, y).pvalue)), "t approximation")

@@ -19,7 +19,8 @@ top eigenvalue and its trace are lower (the trace by more than two combined stan
 trace, the eigenvalue alone), *sharper* when both are higher, otherwise the two measures disagree.
 Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
 accuracy across the methods measured in one setting (heterogeneity level, and model where the cells differ
-in it; three or more methods).
+in it; three or more methods), with its two-sided p-value (exact over every ordering for up to seven
+models): a relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).
 """
 
 from __future__ import annotations
@@ -155,6 +156,23 @@ def _pair_means(values: Sequence[tuple[int, float, float, float]]) -> list[tuple
     return out
 
 
+EXACT = 7  # up to this many models, the rank correlation's p-value is exact over every ordering
+
+
+def _rank_p(x: Sequence[float], y: Sequence[float]) -> tuple[float, str]:
+    """The two-sided p-value of Spearman's rank correlation of ``x`` with ``y`` and how it was found: exact
+    over all n! orderings for a few models (with 3 of them, +-1 arises by chance one time in three), else
+    scipy's t approximation."""
+    from scipy import stats
+
+    n = len(x)
+    if n > EXACT:
+        return float(stats.spearmanr(x, y).pvalue), "t approximation"
+    result = stats.permutation_test((list(y),), lambda v: stats.spearmanr(x, v).statistic,
+                                    permutation_type="pairings", n_resamples=math.inf, alternative="two-sided")
+    return float(result.pvalue), f"exact over the {math.factorial(n)} orderings"
+
+
 def _g(x: float | None, digits: int = 4) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
@@ -202,7 +220,10 @@ class Flatness:
               "statistics): the top eigenvalue of the Hessian (power iteration) and its trace (Hutchinson, ± "
               "standard error), the lower the flatter. Rules of the reading: a model is *flatter* than another when "
               "both its top eigenvalue and its trace are lower (the trace by more than two combined standard errors), "
-              "*sharper* when both are higher, otherwise the measures disagree.", "")
+              "*sharper* when both are higher, otherwise the measures disagree. Whether flatness goes with "
+              "accuracy: Spearman's rank correlation of the top eigenvalue with the test accuracy across the methods "
+              "of one setting, with its two-sided p-value (exact over every ordering of up to seven models); a "
+              "relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).", "")
         self.table()
         self.reading()
         self.curves()
@@ -266,17 +287,21 @@ class Flatness:
             return [f"- {het}: too few methods measured ({len(pairs)}) to say whether flatness goes with accuracy."]
         from scipy import stats
 
-        rho = float(stats.spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+        eigen, accuracy = [p[0] for p in pairs], [p[1] for p in pairs]
+        rho = float(stats.spearmanr(eigen, accuracy).statistic)
         if math.isnan(rho):
             return [f"- {het}: the {len(pairs)} measured models tie in eigenvalue or accuracy; no relation to read."]
+        p, how = _rank_p(eigen, accuracy)
         if rho <= -0.5:
             what = "the flatter models are the more accurate ones"
         elif rho >= 0.5:
             what = "the sharper models are the more accurate ones: flatness does not explain accuracy here"
         else:
             what = "no clear relation between flatness and accuracy"
+        if abs(rho) >= 0.5:
+            what += ", established (p < 0.05)" if p < 0.05 else f", **not established** with {len(pairs)} models"
         return [f"- {het}: across {len(pairs)} measured models, Spearman's rank correlation of the top eigenvalue "
-                f"with test accuracy is {rho:+.2f}: {what}."]
+                f"with test accuracy is {rho:+.2f} (two-sided p = {p:.2g}, {how}): {what}."]
 
     def curves(self) -> None:
         for het, group in self._by_setting().items():
