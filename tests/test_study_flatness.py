@@ -160,7 +160,13 @@ def test_a_cell_still_running_gives_its_models_over_the_rounds(tmp_path, monkeyp
         _write(folders["fedavg"] / "models" / f"round-{r:06d}-landscape.json", {**_doc("f", a, 1.0, 0.5), "models": [{}]})
         if r < 6:
             _write(folders["fedmr"] / "models" / f"round-{r:06d}-landscape.json", {**_doc("m", b, 1.0, 0.5), "models": [{}]})
+    pool = "m/checkpoints/round-000002.json"  # two members of its checkpoint's pool, measured at round 2
+    _write(folders["fedmr"] / "models" / "round-000002-m0-landscape-path-m1.json",
+           _path_doc("m", "m", [1.0, 1.5, 2.0], f"{pool}@0", f"{pool}@1"))
     section = _report(root, monkeypatch).split("## Flatness (the paper's argument)")[1].split("## Verdict")[0]
+    assert ("- fedmr (alpha 0.5, local_epochs=1, seed 1): the barrier between two pool members (highest loss above "
+            "the ends' mean) is 0.5000 at round 2, the one round measured; the loss on the line stays within 1% of "
+            "the chord between the ends (one basin) at round 2.") in section
     assert "| fedavg | alpha 0.5, local_epochs=1 | 1 | 30 |" in section
     assert "| fedmr | alpha 0.5, local_epochs=1 |" not in section  # no final model yet
     assert ("- fedmr (alpha 0.5, local_epochs=1, seed 1): its top eigenvalue is below fedavg's from round 2 on "

@@ -232,22 +232,7 @@ class Flatness:
             self._figure("pool-barrier", "", "Barrier between two members of FedMR's pool over the rounds",
                          lambda out: _draw("rounds", points, out, "barrier between two pool members",
                                            "barrier (training loss)", mark, "two-stage switch" if mark else ""))
-            for label, values in barriers.items():
-                rounds = sorted({r for r, *_ in values})
-                basin = next((r for i, r in enumerate(rounds)
-                              if all(c <= BASIN * e for q, _, c, e in values if q >= r)), None)
-                pairs = max(sum(1 for q, *_ in values if q == r) for r in rounds)
-                which = f"; the mean over {pairs} pairs of members" if pairs > 1 else ""
-                every = "every measured line" if pairs > 1 else "the line"
-                where = (f"the loss on {every} stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
-                         f"from round {basin} on" if basin is not None else
-                         f"the loss on {every} rises more than {100 * BASIN:g}% above the chord up to the last "
-                         "measured round: the members are in separate basins" if pairs == 1 else
-                         f"the loss on some line rises more than {100 * BASIN:g}% above the chord up to the last "
-                         "measured round: not all members are in one basin")
-                first, last = means[label][0], means[label][-1]
-                lines.append(f"- {label}: the barrier between two pool members (highest loss above the ends' mean{which}) goes "
-                             f"from {first[1]:.4f} (round {first[0]}) to {last[1]:.4f} (round {last[0]}); {where}.")
+            lines += [_pool_reading(label, values) for label, values in barriers.items()]
         if lines:
             self.page.add(*lines, "")
 
@@ -282,6 +267,33 @@ class Flatness:
             draw(path)
             p.drawn.add(path)
         p.add(f"![{alt}]({link(path, p.page_dir)})", "")
+
+
+def _pool_reading(label: str, values: Sequence[tuple[int, float, float, float]]) -> str:
+    """The reading of the barrier between pool members over the rounds: (round, barrier, above the chord,
+    the ends' mean loss) per measured pair; one basin from the first round after which every measured line
+    stays within ``BASIN`` of its chord."""
+    rounds = sorted({r for r, *_ in values})
+    basin = next((r for r in rounds if all(c <= BASIN * e for q, _, c, e in values if q >= r)), None)
+    pairs = max(sum(1 for q, *_ in values if q == r) for r in rounds)
+    means = pair_means(values)
+    first, last = means[0], means[-1]
+    if len(means) > 1:
+        how, since = f"goes from {first[1]:.4f} (round {first[0]}) to {last[1]:.4f} (round {last[0]})", "from round {} on"
+    else:
+        how, since = f"is {first[1]:.4f} at round {first[0]}, the one round measured", "at round {}"
+    line = "every measured line" if pairs > 1 else "the line"
+    if basin is not None:
+        where = (f"the loss on {line} stays within {100 * BASIN:g}% of the chord between the ends (one basin) "
+                 + since.format(basin))
+    elif pairs == 1:
+        where = (f"the loss on the line rises more than {100 * BASIN:g}% above the chord up to the last measured "
+                 "round: the members are in separate basins")
+    else:
+        where = (f"the loss on some line rises more than {100 * BASIN:g}% above the chord up to the last measured "
+                 "round: not all members are in one basin")
+    which = f"; the mean over {pairs} pairs of members" if pairs > 1 else ""
+    return f"- {label}: the barrier between two pool members (highest loss above the ends' mean{which}) {how}; {where}."
 
 
 def _draw(kind: str, *args: Any) -> None:
