@@ -249,8 +249,16 @@ def test_a_rerun_of_a_cell_under_study_landscape_is_read_for_it(tmp_path, monkey
     study = root / "study.toml"
     study.write_text(study.read_text().replace('report = "results/README.md"',
                                                'report = "results/README.md"\nlandscape = ["reruns"]'))
+    from fedmr.results import RunWriter, read_metrics
+    from fedmr.study.execute import late_mean
+
+    rows = read_metrics(rerun / "metrics.csv")  # the rerun drifted: 1 point higher at every evaluation
+    RunWriter(rerun, resume=True).write_metrics([{**r, "accuracy": r["accuracy"] + 0.01} for r in rows])
+    cell = 100 * late_mean(rows, 10, 0.2)
     page = _report(root, monkeypatch)
     assert "| fedmr | alpha 0.5 | 1 | 12.5 | 100 ± 10 | 0.5000 | 70.00 | 1000 |" in page
+    assert (f"| fedmr | alpha 0.5 | 1 | {cell:.2f} | {cell + 1:.2f} | +1.00 | "
+            "[alpha0.5-seed1-fedmr-again](../reruns/alpha0.5-seed1-fedmr-again) |") in page
     study.write_text(study.read_text().replace('landscape = ["reruns"]', 'landscape = "reruns"'))
     monkeypatch.chdir(root)
     assert main(["study", "report", "study.toml"]) == 2

@@ -94,6 +94,7 @@ class Flatness:
               "of one setting, with its two-sided p-value (exact over every ordering of up to seven models); a "
               "relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).", "")
         self.table()
+        self.reruns()
         self.reading()
         self.curves()
         self.paths()
@@ -113,6 +114,30 @@ class Flatness:
         if rows:
             self.page.add(*_table(["method", self.column, "seed", "top eigenvalue", "trace ± SE", "training loss",
                                    "test accuracy (%)", "samples"], rows))
+
+    def reruns(self) -> None:
+        """Where a cell's models were measured on a rerun of it ([study] landscape), the rerun's accuracy beside
+        the cell's: the same config gives the same curve only up to float drift (another CPU, other threads)."""
+        from ..results import read_metrics
+        from .execute import late_mean
+
+        rows = []
+        fraction = float(self.page.o["late_fraction"])
+        for m in sorted(self.measured, key=lambda m: (m.setting, m.method, m.entry.seed)):
+            if m.entry.stats is None or m.folder.resolve() == m.entry.status.folder.resolve():
+                continue
+            rerun = late_mean(read_metrics(m.folder / "metrics.csv"), m.entry.rounds, fraction)
+            if rerun is None:
+                continue
+            cell = m.entry.stats.late
+            rows.append([m.method, m.setting, str(m.entry.seed), f"{100 * cell:.2f}", f"{100 * rerun:.2f}",
+                         f"{100 * (rerun - cell):+.2f}", f"[{m.folder.name}]({link(m.folder, self.page.page_dir)})"])
+        if rows:
+            self.page.add(f"Measured on reruns of the cells, which kept their models: accuracy over rounds "
+                          f"{self.page.window} of the cell and of its rerun, in percent (the same config; the curves "
+                          "differ by float drift, another CPU or other threads, which training amplifies):", "")
+            self.page.add(*_table([
+                "method", self.column, "seed", "the cell", "its rerun", "difference", "rerun folder"], rows))
 
     @property
     def column(self) -> str:
