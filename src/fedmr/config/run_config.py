@@ -1,34 +1,24 @@
-"""Experiment configuration: the paper's defaults, TOML files, ``--set KEY=VALUE`` overrides, validation.
-
-A config file is a nested table: top-level keys are the run's settings, declared once as the
-fields of ``RunConfig``; each algorithm has a section of its own options (``[fedmr]``,
-``[fedprox]``...), whose defaults the algorithm class declares.  ``validate`` checks everything,
-once, and builds the ``RunConfig`` that later code reads (``config.rounds``).
-"""
+"""The typed run config: ``RunConfig``, whose fields declare each top-level key once (the paper's
+default, a line of help, the commands that read it), and ``validate``, which checks types and
+ranges and is the one way to build it."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 import tomli_w
 
-from .errors import ConfigError, did_you_mean
-from .imports import is_import_string, split_key
+from ..errors import ConfigError, did_you_mean
+from .sections import algorithm_sections, plugin_sections
+from .values import brief, check_type
 
 if TYPE_CHECKING:  # training imports torch, which the CLI's argument parsing must not load
-    from .training import LocalSettings
+    from ..training import LocalSettings
 
 
 def setting(default: Any, help: str, group: str = "run") -> Any:
@@ -111,7 +101,7 @@ class RunConfig(Mapping[str, Any]):
 
     @property
     def local_settings(self) -> LocalSettings:
-        from .training import LocalSettings
+        from ..training import LocalSettings
 
         return LocalSettings(self.local_epochs, self.batch_size, self.lr, self.momentum, self.precision,
                              self.compile)
@@ -169,27 +159,6 @@ def settings_help() -> str:
 
 PARTITIONS = ("iid", "dirichlet", "file", "natural")
 
-def algorithm_sections() -> dict[str, dict[str, Any]]:
-    """Default options of every registered algorithm, keyed by algorithm name: each class's
-    ``Options`` declaration (its field defaults), in registration order."""
-    from .algorithms import ALGORITHMS
-
-    return {name: copy.deepcopy(cls.Options.defaults()) for name, cls in ALGORITHMS.items()}
-
-
-def algorithm_help() -> str:
-    """Every registered algorithm, its options and their defaults, from the ``Options`` declarations
-    (the epilog of ``fedmr run --help``)."""
-    from .algorithms import ALGORITHMS
-
-    lines = ["algorithms (--set algorithm=NAME) and their options (--set NAME.KEY=VALUE, or a [NAME] table "
-             "in the config file; defaults are the papers'):"]
-    for name, cls in ALGORITHMS.items():
-        lines.append(f"  {name}: {cls.description}")
-        for key, default, text in cls.Options.describe():
-            lines.append(f"      {key} = {tomli_w.dumps({'v': default})[4:].strip()}  {text}")
-    return "\n".join(lines)
-
 
 def default_config() -> dict[str, Any]:
     cfg = copy.deepcopy(DEFAULTS)
@@ -197,115 +166,10 @@ def default_config() -> dict[str, Any]:
     return cfg
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: a TOML literal (number, bool, quoted string, array) or else a bare string."""
-    try:
-        doc = tomllib.loads(f"v = {text}")
-    except (ValueError, RecursionError):  # TOMLDecodeError, a 5000-digit integer, 10000 nested brackets
-        return text
-    return doc["v"] if list(doc) == ["v"] else text  # "1\nrounds=2" is one odd string, not two settings
-
-
-def parse_assignment(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-    key, _, value = item.partition("=")
-    key = key.strip()
-    parts = split_key(key)  # "fedmr.block_fraction" -> ["fedmr", "block_fraction"]; "pkg.mod:Algo.beta" keeps its dots
-    if not key or any(not part for part in parts):
-        raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-    return parts, parse_value(value.strip())
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError is a ValueError, so is a 5000-digit integer
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"config file {path} is not valid TOML: nested too deeply") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-
-
-def merge(base: dict[str, Any], overrides: Mapping[str, Any], where: str = "") -> dict[str, Any]:
-    """Merge ``overrides`` into ``base``, refusing keys that ``base`` does not have."""
-    for key, value in overrides.items():
-        name = f"{where}{key}"
-        if key not in base and not where and isinstance(value, Mapping) and ":" in key:
-            base[key] = section_defaults(key, f"[{key}]")  # a plug-in's options: its class or signature declares them
-        if key not in base:
-            sections = [k for k, v in base.items() if isinstance(v, dict)]
-            if not where and isinstance(value, Mapping):
-                raise ConfigError(f"unknown config section '{name}' (no such algorithm){did_you_mean(key, sections)}")
-            known = [k for k in base if k not in sections] if not where else list(base)
-            raise ConfigError(f"unknown config key '{name}'{did_you_mean(key, known, where)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{name}' is a section; set its keys as {name}.KEY")
-            merge(base[key], value, f"{name}.")
-        else:
-            if isinstance(value, Mapping):
-                raise ConfigError(f"config key '{name}' is not a section")
-            base[key] = value
-    return base
-
-
-def load_config(path: str | Path | None = None, assignments: Iterable[str] = (), uses: str = "run") -> RunConfig:
-    """Defaults, then the TOML file, then each ``--set`` in order; validated for a command that
-    ``uses`` "run" (every key), "partition" or "data" (only the keys those read: see ``Setting.group``)."""
-    cfg = default_config()
-    if path is not None:
-        merge(cfg, read_toml(path))
-    for item in assignments:
-        keys, value = parse_assignment(item)
-        nested: Any = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        merge(cfg, nested)
-    return validate(cfg, uses)
-
-
-def _brief(value: Any) -> str:
-    """repr for an error message: long values cut short (and huge integers, which repr refuses, named)."""
-    if isinstance(value, int) and abs(value) >= 10**40:
-        return f"an integer of about {int(abs(value).bit_length() * 0.30103)} digits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {_brief(value)}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {_brief(value)}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {_brief(value)}")
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ConfigError(f"config key '{key}' must be finite, got {_brief(value)}") from None
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {_brief(value)}")
-        if "\x00" in value:
-            raise ConfigError(f"config key '{key}' contains a NUL character")
-    return value
-
-
 def validate(cfg: Mapping[str, Any], uses: str = "run") -> RunConfig:
     """Check the types and ranges of the keys a command ``uses`` (see ``load_config``) and build the
     typed config (numbers normalised; plug-ins' sections filled with their defaults)."""
-    from .algorithms import ALGORITHMS
+    from ..algorithms import ALGORITHMS
 
     doc = dict(cfg)
     used = used_keys(uses)
@@ -317,12 +181,13 @@ def validate(cfg: Mapping[str, Any], uses: str = "run") -> RunConfig:
             if training:
                 doc[key] = dict(doc[key])
                 for sub, sub_default in default.items():
-                    doc[key][sub] = _check_type(f"{key}.{sub}", doc[key][sub], sub_default)
+                    doc[key][sub] = check_type(f"{key}.{sub}", doc[key][sub], sub_default)
         elif key in used:
             doc[key] = _check_setting(key, doc[key], default)
     config = RunConfig(**{name: doc[name] for name in SETTING_NAMES},
                        sections={k: v for k, v in doc.items() if k not in SETTING_NAMES}, uses=uses)
-    config = dataclasses.replace(config, sections=_plugin_sections(config, training))
+    config = dataclasses.replace(config, sections=plugin_sections(config.sections, config.dataset, config.algorithm,
+                                                                  config.model, training))
     _check_ranges(config, used)
     if training:
         for name, cls in ALGORITHMS.items():
@@ -352,16 +217,16 @@ def _check_setting(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"config key 'workers' must be a positive integer or \"auto\", got {value!r}")
     elif key == "clients_per_round":
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"config key 'clients_per_round' must be an integer or \"auto\", got {_brief(value)}")
+            raise ConfigError(f"config key 'clients_per_round' must be an integer or \"auto\", got {brief(value)}")
     elif key == "vectorize":
         if not (value == "auto" or isinstance(value, bool)):
             raise ConfigError(f"config key 'vectorize' must be true, false or \"auto\", got {value!r}")
     elif key == "vectorize_memory_gb":
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e6):
             raise ConfigError(f"config key 'vectorize_memory_gb' must be \"auto\" or a number of GB in [0, 1e6] "
-                              f"(0 = auto), got {_brief(value)}")
+                              f"(0 = auto), got {brief(value)}")
     else:
-        return _check_type(key, value, default)
+        return check_type(key, value, default)
     return value
 
 
@@ -376,7 +241,7 @@ def _check_ranges(c: RunConfig, used: set[str]) -> None:
     if training and c.clients_per_round > c.num_clients:
         raise ConfigError(f"clients_per_round ({c.clients_per_round}) cannot exceed num_clients ({c.num_clients})")
     if "seed" in used and not 0 <= c.seed < 2**32:  # derive_seed uses 32 bits: larger seeds would repeat smaller ones
-        raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {_brief(c.seed)}")
+        raise ConfigError(f"config key 'seed' must be in [0, 2**32), got {brief(c.seed)}")
     if training:
         _check_training_ranges(c)
     if "partition" in used:
@@ -387,7 +252,7 @@ def _check_ranges(c: RunConfig, used: set[str]) -> None:
             raise ConfigError(f"config key 'alpha' must be positive for a Dirichlet partition, got {c.alpha}")
         if c.partition == "file" and not c.partition_file:
             raise ConfigError("partition = \"file\" needs partition_file = \"path/to/partition.json\"")
-    from .data.normalization import CHOICES as NORMALIZATIONS
+    from ..data.normalization import CHOICES as NORMALIZATIONS
 
     if c.normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization '{c.normalization}' (choose from {', '.join(NORMALIZATIONS)})"
@@ -418,7 +283,7 @@ def _check_training_ranges(c: RunConfig) -> None:
         raise ConfigError(f"config key 'client_timeout' must be 0 (no limit) or positive seconds, got {c.client_timeout}")
     if c.device not in ("cpu", "cuda", "auto"):
         raise ConfigError(f"config key 'device' must be \"cpu\", \"cuda\" or \"auto\", got {c.device!r}")
-    from .training import PRECISIONS
+    from ..training import PRECISIONS
 
     if c.precision not in PRECISIONS:
         raise ConfigError(f"config key 'precision' must be \"fp32\" or \"bf16\", got {c.precision!r}"
@@ -428,103 +293,3 @@ def _check_training_ranges(c: RunConfig) -> None:
                           "vectorize = true")
 
 
-def _plugin_sections(c: RunConfig, training: bool = True) -> dict[str, dict[str, Any]]:
-    """Check the names of the algorithm, model and data set (built-in, or user code that must at
-    least import and be callable: its contract is checked when it runs) and every plug-in's section,
-    all before any data is loaded; returns the sections with each plug-in's defaults filled in.
-    Without ``training``, only the data set."""
-    from .algorithms import algorithm_class, algorithm_defaults
-    from .data import check_dataset_name
-    from .data.user import loader_defaults
-    from .imports import resolve_callable
-    from .models import check_model_name
-
-    sections: dict[str, dict[str, Any]] = {k: dict(v) for k, v in c.sections.items()}
-    check_dataset_name(c.dataset)
-    if is_import_string(c.dataset):
-        resolve_callable("dataset", c.dataset)
-        options = loader_defaults(c.dataset)
-        if options and c.dataset not in sections:  # recorded in config.toml, as an algorithm's options are
-            sections[c.dataset] = options
-    for name in [k for k in sections if is_import_string(k) and is_loader_section(k)]:
-        if name != c.dataset:
-            raise ConfigError(f"config section '{name}' names a function, not an Algorithm class, and is not "
-                              f"the data set's loader (dataset = {c.dataset!r})")
-        check_loader_options(name, sections[name])
-    if not training:
-        return sections
-    algorithm_class(c.algorithm)
-    if is_import_string(c.algorithm) and c.algorithm not in sections:
-        sections[c.algorithm] = algorithm_defaults(c.algorithm, "algorithm")
-    check_model_name(c.model)
-    if is_import_string(c.model):
-        resolve_callable("model", c.model)
-    for name in [k for k in sections if is_import_string(k) and not is_loader_section(k)]:
-        cls = algorithm_class(name, f"[{name}]")
-        given = sections[name]
-        sections[name] = {**given, **{sub: _check_type(f"{name}.{sub}", given.get(sub, sub_default), sub_default)
-                                      for sub, sub_default in algorithm_defaults(name, f"[{name}]").items()}}
-        cls.Options(**sections[name]).check(name)  # declared ranges first, named by the section as written
-        cls.check_options(sections[name])
-    return sections
-
-
-def to_toml(cfg: Mapping[str, Any]) -> str:
-    return tomli_w.dumps(dict(cfg))
-
-
-# ---- plug-in sections: ["pkg.mod:Class"] holds an algorithm's options, ["pkg.mod:loader"] a loader's
-def is_loader_section(spec: str) -> bool:
-    """Whether ``[spec]`` holds a data loader's options (it names a callable that is not an Algorithm)."""
-    from .algorithms.base import Algorithm
-    from .imports import resolve
-
-    obj = resolve(f"[{spec}]", spec)
-    return callable(obj) and not (isinstance(obj, type) and issubclass(obj, Algorithm))
-
-
-def section_defaults(spec: str, key: str) -> dict[str, Any]:
-    """The reference of a plug-in's config section ``[spec]``: an algorithm's options, or a data
-    loader's keyword options (from its signature)."""
-    from .algorithms import algorithm_defaults
-    from .data.user import loader_defaults
-
-    if is_loader_section(spec):
-        return loader_defaults(spec, key)
-    return algorithm_defaults(spec, key)
-
-
-def check_loader_options(spec: str, options: Mapping[str, Any]) -> None:
-    """The options of ``[spec]`` have the types of the loader's defaults (unknown keys are refused by the config)."""
-    from .data.user import loader_defaults
-
-    for name, default in loader_defaults(spec, f"[{spec}]").items():
-        if name in options:
-            _check_type(f"{spec}.{name}", options[name], default)
-
-
-def warn_unused_sections(cfg: RunConfig, algorithms: Iterable[str]) -> list[str]:
-    """Warn once about each algorithm section whose options differ from their defaults although no
-    algorithm run uses it (``--set fedprox.mu=0.1`` with ``algorithm = "fedmr"``): the user may
-    have meant another algorithm.  Sections at their defaults (config.toml records every one) are
-    not mentioned.  Returns the sections warned about."""
-    import logging
-
-    from .algorithms import algorithm_defaults
-
-    run = set(algorithms)
-    builtin = algorithm_sections()
-    unused = []
-    for name, options in cfg.sections.items():
-        if name in run or (is_import_string(name) and is_loader_section(name)):
-            continue
-        defaults = builtin[name] if name in builtin else algorithm_defaults(name, f"[{name}]")
-        changed = {k: v for k, v in options.items() if defaults.get(k) != v}
-        if changed:
-            unused.append(name)
-            given = ", ".join(f"{name}.{k} = {tomli_w.dumps({'v': v})[4:].strip()}" for k, v in changed.items())
-            running = ", ".join(sorted(run))
-            logging.getLogger("fedmr").warning(
-                "%s has no effect: it is an option of algorithm %s, which this run does not use (it runs %s)",
-                given, name, running)
-    return unused
