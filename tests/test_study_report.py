@@ -107,7 +107,9 @@ def test_the_interval_is_students_t():
 
 
 @pytest.mark.parametrize("file,report", [("studies/cifar10-cnn.toml", "docs/results/README.md"),
-                                         ("studies/cifar10-cnn-flatness.toml", "docs/results/cifar10-cnn-flatness/README.md")])
+                                         ("studies/cifar10-cnn-flatness.toml", "docs/results/cifar10-cnn-flatness/README.md"),
+                                         ("studies/cifar100-cnn.toml", "docs/results/cifar100.md"),
+                                         ("studies/femnist-cnn.toml", "docs/results/femnist.md")])
 def test_docs_results_page_is_current(file, report):
     """The committed results pages, when their studies generated them, are what `fedmr study report` gives today."""
     page = REPO / report

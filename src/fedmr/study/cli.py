@@ -31,8 +31,10 @@ def add_parser(subparsers: Any) -> None:
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="assignments",
                      help=f"how and where the cells compute, not what: one of {', '.join(HOW_KEYS)} (e.g. "
                           "device=\"cuda\" vectorize=true on a GPU machine, or another data_dir)")
-    report = sub.add_parser("report", help="rebuild the study's results page from its run folders")
-    report.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
+    report = sub.add_parser("report", help="rebuild the study's results page from its run folders (or, given a claims "
+                                           "file, the page that answers the paper's claims across its studies)")
+    report.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml, or a claims "
+                                                          "file, e.g. studies/claims.toml")
     park = sub.add_parser("park", help="keep each unfinished cell's newest checkpoint in its folder's parked/ (to "
                                        "commit, so another machine resumes it); remove it from finished cells")
     park.add_argument("file", metavar="FILE.toml", help="study file, e.g. studies/cifar10-cnn.toml")
@@ -174,10 +176,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .claims import read_claims_doc, write_claims
     from .index import resolve, write_index
     from .report import write_report
     from .spec import load_study
 
+    claims = read_claims_doc(args.file)
+    if claims is not None:  # a claims file: the page that answers the paper's claims across its studies
+        page, line = write_claims(args.file, claims)
+        print(f"{page}: {line}")
+        return 0
     study = load_study(args.file)
     statuses = resolve(study)
     write_index(study, statuses)

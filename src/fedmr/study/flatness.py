@@ -152,7 +152,14 @@ class Flatness:
         return out
 
     def reading(self) -> None:
-        lines = []
+        lines = self.reading_lines()
+        if lines:
+            self.page.add("**Reading.**", "", *lines, "")
+
+    def reading_lines(self) -> list[str]:
+        """The reading in words, one bullet per measured pair and per setting's relation to accuracy (the claims
+        page quotes them)."""
+        lines: list[str] = []
         for het, group in self._by_setting().items():
             for seed in sorted({m.entry.seed for m in group}):
                 here = {m.method: m for m in group if m.entry.seed == seed}
@@ -164,8 +171,7 @@ class Flatness:
                         continue
                     lines.append(f"- {het}, seed {seed}: " + self._pair(method, m, base))
             lines += self._accuracy_relation(het, group)
-        if lines:
-            self.page.add("**Reading.**", "", *lines, "")
+        return lines
 
     def _pair(self, method: str, m: Measured, base: Measured) -> str:
         verdict = compare(m, base)
