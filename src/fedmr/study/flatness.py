@@ -8,6 +8,9 @@ models, and measured there) is :mod:`measured`.
 The reading in words follows rules stated on the page: a model is *flatter* than another when both its
 top eigenvalue and its trace are lower (the trace by more than two combined standard errors; with no
 trace, the eigenvalue alone), *sharper* when both are higher, otherwise the two measures disagree.
+Over two or more seeds, a line per FedMR variant: in how many seeds it is flatter, and each measure's ratio to
+the baseline's as the geometric mean of the per-seed ratios, with (from three seeds) its 95% Student-t interval
+on the log ratios; flatter is *established* only where every interval lies below 1.
 Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
 accuracy across the methods measured in one setting (heterogeneity level, and model where the cells differ
 in it; three or more methods), with its two-sided p-value (exact over every ordering for up to seven
@@ -65,6 +68,14 @@ def compare(a: Measured, b: Measured) -> str:
     return "mixed"
 
 
+def _log_interval(logs: Sequence[float]) -> tuple[float, float] | None:
+    """The 95% Student-t interval of the mean log ratio, as ratios (None below three seeds)."""
+    from .contrasts import t_interval
+
+    ci = t_interval(logs)
+    return None if ci is None else (math.exp(ci[0]), math.exp(ci[1]))
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f} times" if b else "against 0"
 
@@ -89,7 +100,10 @@ class Flatness:
               "statistics): the top eigenvalue of the Hessian (power iteration) and its trace (Hutchinson, ± "
               "standard error), the lower the flatter. Rules of the reading: a model is *flatter* than another when "
               "both its top eigenvalue and its trace are lower (the trace by more than two combined standard errors), "
-              "*sharper* when both are higher, otherwise the measures disagree. Whether flatness goes with "
+              "*sharper* when both are higher, otherwise the measures disagree. Over several seeds, each measure's "
+              "ratio to the baseline's is summed up by the geometric mean of the per-seed ratios, with its 95% Student-t "
+              "interval on their logarithms from three seeds on: flatter is *established* only where every interval "
+              "lies below 1. Whether flatness goes with "
               "accuracy: Spearman's rank correlation of the top eigenvalue with the test accuracy across the methods "
               "of one setting, with its two-sided p-value (exact over every ordering of up to seven models); a "
               "relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).", "")
@@ -170,6 +184,7 @@ class Flatness:
                     if method == self.baseline or not method.startswith("fedmr") or m.eigen is None:
                         continue
                     lines.append(f"- {het}, seed {seed}: " + self._pair(method, m, base))
+            lines += self._over_seeds(het, group)
             lines += self._accuracy_relation(het, group)
         return lines
 
@@ -184,6 +199,49 @@ class Flatness:
         if verdict == "sharper":
             return f"{method}'s global model is **not flatter** than {self.baseline}'s, it is sharper: {numbers}."
         return f"{method}'s global model is **not clearly flatter** than {self.baseline}'s (the measures disagree): {numbers}."
+
+    def _over_seeds(self, het: str, group: Sequence[Measured]) -> list[str]:
+        """One line per FedMR variant measured in two or more seeds beside the baseline: in how many it is
+        flatter, and each measure's ratio to the baseline's over the seeds (geometric mean; from three seeds its
+        95% Student-t interval on the log ratios, which decides, as the accuracy differences are decided)."""
+        by = {(m.method, m.entry.seed): m for m in group if m.eigen is not None}
+        base = {seed: m for (method, seed), m in by.items() if method == self.baseline}
+        lines = []
+        for method in sorted({k[0] for k in by if k[0] != self.baseline and k[0].startswith("fedmr")}):
+            pairs = [(by[(method, s)], base[s]) for s in sorted(base) if (method, s) in by]
+            if len(pairs) < 2:
+                continue
+            verdicts = [compare(a, b) for a, b in pairs]
+            counts = ", ".join(f"{what} in {verdicts.count(what)}" for what in ("sharper", "mixed") if what in verdicts)
+            measures = {"top eigenvalue": [(a.eigen or math.nan, b.eigen or math.nan) for a, b in pairs],
+                        "trace": [(a.trace[0] if a.trace else math.nan, b.trace[0] if b.trace else math.nan)
+                                  for a, b in pairs]}
+            parts, sides = [], []
+            for name, values in measures.items():
+                if not all(x > 0 and y > 0 for x, y in values):
+                    continue  # missing, or a ratio of signs, which says nothing: the measure is left out
+                logs = [math.log(x / y) for x, y in values]
+                ci = _log_interval(logs)
+                text = f"{name} {math.exp(sum(logs) / len(logs)):.2f} times {self.baseline}'s"
+                if ci is not None:
+                    text += f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})"
+                    sides.append(-1 if ci[1] < 1 else 1 if ci[0] > 1 else 0)
+                parts.append(text)
+            if not parts:
+                continue
+            n = len(pairs)
+            if len(sides) < len(parts) or not sides:
+                reading = f"{n} seeds, too few for an interval" if n < 3 else "a measure has no interval"
+            elif all(side < 0 for side in sides):
+                reading = "**flatter**, established: every interval lies below 1"
+            elif all(side > 0 for side in sides):
+                reading = "**sharper**, established: every interval lies above 1"
+            else:
+                reading = "**not established**: an interval includes 1, or the measures disagree"
+            lines.append(f"- {het}, over {n} seeds: {method}'s global model is flatter than {self.baseline}'s in "
+                         f"{verdicts.count('flatter')} of {n}" + (f" ({counts})" if counts else "") + "; geometric mean "
+                         f"of the per-seed ratios: {', '.join(parts)}: {reading}.")
+        return lines
 
     def _accuracy_relation(self, het: str, group: Sequence[Measured]) -> list[str]:
         pairs = [(m.eigen, m.accuracy) for m in group if m.eigen is not None and m.accuracy is not None]
