@@ -268,8 +268,9 @@ class ClaimsPage:
 
         self.add("## 5. Recombination finds flatter minima", "",
                  "From the studies' flatness sections (`fedmr landscape`: top Hessian eigenvalue and trace of each "
-                 "final global model's training loss; flatter when both are lower), and whether flatness goes with "
-                 "accuracy across the methods measured in one setting.", "")
+                 "final global model's training loss; flatter when both are lower), over the seeds measured where "
+                 "there are several, and whether flatness goes with accuracy across the models measured in one "
+                 "setting.", "")
         lines = []
         for _, data, sheet in self.sheets:
             reading = Flatness(sheet).reading_lines()

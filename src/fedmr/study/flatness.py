@@ -12,8 +12,8 @@ Over two or more seeds, a line per FedMR variant: in how many seeds it is flatte
 the baseline's as the geometric mean of the per-seed ratios, with (from three seeds) its 95% Student-t interval
 on the log ratios; flatter is *established* only where every interval lies below 1.
 Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
-accuracy across the methods measured in one setting (heterogeneity level, and model where the cells differ
-in it; three or more methods), with its two-sided p-value (exact over every ordering for up to seven
+accuracy across the models measured in one setting (its methods and seeds; heterogeneity level, and model
+where the cells differ in it; three or more methods), with its two-sided p-value (exact over every ordering for up to seven
 models): a relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).
 """
 
@@ -104,9 +104,10 @@ class Flatness:
               "ratio to the baseline's is summed up by the geometric mean of the per-seed ratios, with its 95% Student-t "
               "interval on their logarithms from three seeds on: flatter is *established* only where every interval "
               "lies below 1. Whether flatness goes with "
-              "accuracy: Spearman's rank correlation of the top eigenvalue with the test accuracy across the methods "
-              "of one setting, with its two-sided p-value (exact over every ordering of up to seven models); a "
-              "relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).", "")
+              "accuracy: Spearman's rank correlation of the top eigenvalue with the test accuracy across the models "
+              "measured in one setting (its methods and seeds), with its two-sided p-value (exact over every ordering "
+              "of up to seven models); a relation is *established* only where p < 0.05, which four models can never "
+              "reach (p >= 1/12).", "")
         self.table()
         self.reruns()
         self.reading()
