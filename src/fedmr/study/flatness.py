@@ -231,8 +231,8 @@ class Flatness:
             if not parts:
                 continue
             n = len(pairs)
-            if len(sides) < len(parts) or not sides:
-                reading = f"{n} seeds, too few for an interval" if n < 3 else "a measure has no interval"
+            if n < 3:
+                reading = f"{n} seeds, too few for an interval"
             elif all(side < 0 for side in sides):
                 reading = "**flatter**, established: every interval lies below 1"
             elif all(side > 0 for side in sides):
