@@ -87,11 +87,42 @@ def test_claims_3_to_5_quote_the_pattern_the_traffic_and_the_studies_state(claim
     assert pattern and [f"- Fixture digits: {line[2:]}" for line in pattern] == _rows(deeper, "- Fixture digits: ")
     assert f"{100 * (MAIN['fedmr'][2] - MAIN['fedavg'][2]):+.2f} on the auto" in deeper
     # the fixture's probes: fedmr sends what fedavg sends (1 MB down and 1 up per round)
-    assert "| Fixture digits | auto | alpha 0.5 | fedmr | 1.00 | 1.00 | 1.00 |" in _section(page, "4. No extra communication")
+    assert ("| Fixture digits | auto | alpha 0.5 | fedmr | 1.00 | 1.00 | 1.00 | probe runs, seed 1 |"
+            in _section(page, "4. No extra communication"))
     assert "- No study has measured its models yet." in _section(page, "5. Recombination finds flatter minima")
     done = study.split("Cells finished: ", 1)[1].split(".", 1)[0]
     assert f"| Fixture digits | [README.md](README.md) | `study.toml` | {done} |" in page
     assert "Of the paper's models, cnn, vgg16 have no cell in any of these studies" in page
+
+
+def test_without_probe_runs_claim_4_reads_the_main_cells_that_record_the_traffic(tmp_path, monkeypatch):
+    """A study with no communication section (as the CIFAR-100 and FEMNIST ones): each contrasted method's last
+    row over the baseline's of the same heterogeneity and seed, from the lowest seed where both record it."""
+    import shutil
+
+    from fedmr.results import METRIC_COLUMNS, RunWriter, read_metrics
+    from fedmr.study.sections import TRAFFIC
+
+    root = tmp_path / "study"
+    shutil.copytree(FIXTURE, root)
+    monkeypatch.chdir(root)
+    (root / "claims.toml").write_text(CLAIMS)
+    study = root / "results" / "study"
+    traffic = {"alpha0.5-seed2-fedavg": (1.0, 1.0), "alpha0.5-seed2-fedmr": (1.0, 1.0),
+               "alpha0.5-seed3-fedavg": (1.0, 1.0), "alpha0.5-seed3-fedmr": (3.0, 3.0),  # seed 2 is the one shown
+               "iid-seed2-fedmr": (9.0, 9.0),  # no fedavg of seed 2 recorded: not paired
+               "iid-seed3-fedavg": (1.0, 1.0), "iid-seed3-fedmr": (1.0, 2.0)}
+    for name, (down, up) in traffic.items():
+        rows = read_metrics(study / name / "metrics.csv")
+        for row in rows:
+            row.update({"down_mb": down, "up_mb": up, "down_client_state_mb": 0.0,
+                        "down_total_mb": down * row["round"], "up_total_mb": up * row["round"]})
+        RunWriter(study / name, resume=True).write_metrics(rows, [*METRIC_COLUMNS, *TRAFFIC])
+    assert main(["study", "report", "claims.toml"]) == 0
+    claim = _section((root / "results" / "claims.md").read_text(), "4. No extra communication")
+    assert _rows(claim, "| Fixture digits") == [
+        "| Fixture digits | auto | alpha 0.5 | fedmr | 1.00 | 1.00 | 1.00 | main cells, seed 2 |",
+        "| Fixture digits | auto | IID | fedmr | 1.00 | 2.00 | 1.50 | main cells, seed 3 |"]
 
 
 def test_the_claims_page_is_byte_stable(claims, extended):  # noqa: F811
