@@ -13,8 +13,9 @@ the baseline's as the geometric mean of the per-seed ratios, with (from three se
 on the log ratios; flatter is *established* only where every interval lies below 1.
 Whether flatness goes with accuracy is Spearman's rank correlation of the top eigenvalue with the test
 accuracy across the models measured in one setting (its methods and seeds; heterogeneity level, and model
-where the cells differ in it; three or more methods), with its two-sided p-value (exact over every ordering for up to seven
-models): a relation is *established* only where p < 0.05, which four models can never reach (p >= 1/12).
+where the cells differ in it; three or more methods), with its two-sided p-value (exact over every ordering
+for up to seven models): a relation is *established* only where p < 0.05, which four models can never reach
+(p >= 1/12).
 """
 
 from __future__ import annotations
