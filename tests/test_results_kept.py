@@ -5,10 +5,12 @@ result files follow the umask, and a stop in the last round says what happened."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +23,7 @@ import fedmr
 from fedmr.cli import main
 from fedmr.config import read_toml
 from fedmr.errors import CheckpointError, ConfigError, PluginError
+from fedmr.fileio import folder_lock
 
 SMALL = ["--set", "rounds=2", "--set", "num_clients=4", "--set", "clients_per_round=2", "--set", "partition=\"iid\"",
          "--set", "local_epochs=1", "--set", "workers=1", "--set", "eval_every=1"]
@@ -109,8 +112,6 @@ def test_two_threads_writing_one_file_never_lose_a_temporary(tmp_path):
 def test_a_folder_another_run_is_writing_is_refused(tmp_path, capsys, no_data_loading):
     """While one run holds a folder (its lock), a second run into it, from the CLI or the API, is
     refused in one line before any data are loaded, and the lock is gone when the first ends."""
-    from fedmr.fileio import folder_lock
-
     out = tmp_path / "r"
     out.mkdir()
     with folder_lock(out) as held:
@@ -124,6 +125,37 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, capsys, no_data_lo
     assert list(out.iterdir()) == []
     with folder_lock(out) as held:
         assert held
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_killed_runs_lock_dies_with_it_not_with_its_forked_workers(tmp_path):
+    """A run's round workers are forked while it holds its folder's lock; SIGKILL on the run alone frees the
+    folder at once, although a worker is still alive (it closed its inherited copy of the lock)."""
+    out = tmp_path / "r"
+    out.mkdir()
+    holder = ("import os, sys, time\nfrom pathlib import Path\nfrom fedmr.fileio import folder_lock\n"
+              "with folder_lock(Path(sys.argv[1])) as held:\n"
+              "    assert held\n"
+              "    if os.fork() == 0:\n"
+              "        print(os.getpid(), flush=True)  # said by the worker: its fork hooks have run\n"
+              "        time.sleep(600)\n"
+              "        os._exit(0)\n"
+              "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    worker = int(proc.stdout.readline())
+    try:
+        with folder_lock(out) as held:
+            assert not held  # the run holds it
+        proc.kill()
+        proc.wait(60)
+        os.kill(worker, 0)  # the worker is alive...
+        with folder_lock(out) as held:
+            assert held  # ...and the folder is free
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_concurrent_api_runs_into_one_folder_leave_one_run(tmp_path):

@@ -137,6 +137,22 @@ def claim_new_folder(path: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no free folder name", str(path))  # pragma: no cover
 
 
+_HELD_LOCKS: set[IO[bytes]] = set()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (round workers, study jobs): close its copies of the parent's lock files.  A flock
+    belongs to every copy of its descriptor, so without this a SIGKILLed run's folder stays locked until its
+    last worker has died too, and a resume started at once is refused."""
+    for fh in list(_HELD_LOCKS):
+        fh.close()
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def folder_lock(folder: Path) -> Iterator[bool]:
     """Hold an exclusive lock on ``folder`` (an flock on ``folder/.fedmr-lock``) for the block; yields
@@ -163,8 +179,10 @@ def folder_lock(folder: Path) -> Iterator[bool]:
         if same:
             break
         fh.close()
+    _HELD_LOCKS.add(fh)
     try:
         yield True
     finally:
+        _HELD_LOCKS.discard(fh)
         lock.unlink(missing_ok=True)
         fh.close()
