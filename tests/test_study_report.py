@@ -466,6 +466,29 @@ def test_the_resnet20_section_says_where_its_rounds_ran(extended):
     assert text.index("| method | rounds |") < text.index("Lead over fedavg per block")
 
 
+def test_wall_time_is_compared_only_on_the_same_processor(tmp_path, monkeypatch):
+    """Each finished cell's time per round counts under the processor its segments.csv names: one row per method
+    and processor, "several" for a cell resumed on another kind, "not recorded" for a cell without the file."""
+    root = _copy(tmp_path)
+    cells = root / "results" / "study"
+    amd, intel = "AMD EPYC (avx2 avx512f avx512_bf16)", "Intel Xeon (amx_bf16)"
+    for seed in (2, 3):
+        _segments(cells / f"alpha0.5-seed{seed}-fedavg" / "segments.csv", [(1, 10, amd, "fp32", False, 1.0)])
+    _segments(cells / "iid-seed2-fedavg" / "segments.csv", [(1, 5, amd, "fp32", False, 1.0), (6, 10, intel, "fp32", False, 1.0)])
+    monkeypatch.chdir(root)
+    assert main(["study", "report", "study.toml"]) == 0
+    rows = [line for line in _section((root / "results" / "README.md").read_text(), "Wall time per round").splitlines()
+            if line.startswith("| fedavg |")]
+    per = {s: float(json.loads((cells / s / "summary.json").read_text())["wall_seconds"]) / 10
+           for s in ("alpha0.5-seed2-fedavg", "alpha0.5-seed3-fedavg", "iid-seed2-fedavg")}
+    two = sorted([per["alpha0.5-seed2-fedavg"], per["alpha0.5-seed3-fedavg"]])
+    assert [r.split(" | ")[1] for r in rows] == [amd, "not recorded", "several (see the cell's segments.csv)"]
+    assert rows[0] == f"| fedavg | {amd} | {sum(two) / 2:.2f} | {two[0]:.2f}-{two[1]:.2f} | 2 |"
+    assert rows[1].endswith(" | 3 |") and rows[2] == (f"| fedavg | several (see the cell's segments.csv) | "
+                                                      f"{per['iid-seed2-fedavg']:.2f} | {per['iid-seed2-fedavg']:.2f}-"
+                                                      f"{per['iid-seed2-fedavg']:.2f} | 1 |")
+
+
 def test_totals_between_and_past_the_probes_rows_and_blocks_covered_to_their_end():
     from fedmr.study.sections import block_means, total_at
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..fileio import atomic_write_text
-from . import clients, contrasts, sections, verdicts
+from . import clients, contrasts, rounds_ran, sections, verdicts
 from .cells import Entry
 from .index import Status
 from .plots import seed_curve, seed_label
@@ -122,14 +122,19 @@ class Page(Sheet):
         self.add("## Wall time per round", "",
                  "Seconds per round (summary.json's wall time / rounds) of the finished cells, measured on the machine "
                  "that ran them **while it was shared** (with other cells and other work), so it compares methods "
-                 "roughly, not precisely.", "")
+                 "roughly, not precisely, and only between cells on the same processor (as each cell's `segments.csv` "
+                 "records it).", "")
         rows = []
         for method in methods:
-            times = sorted({id(e.status): e.stats.seconds_per_round for e in entries
-                            if e.method == method and e.stats is not None}.values())
-            if times:
-                rows.append([method, f"{sum(times) / len(times):.2f}", f"{times[0]:.2f}-{times[-1]:.2f}", str(len(times))])
-        self.add(*table(["method", "s/round (mean)", "range", "cells"], rows))
+            done = {id(e.status): e for e in entries if e.method == method and e.stats is not None}.values()
+            by_cpu: dict[str, list[float]] = {}
+            for e in done:
+                by_cpu.setdefault(rounds_ran.processor(e), []).append(e.done_stats.seconds_per_round)
+            for cpu, times in sorted(by_cpu.items()):
+                times.sort()
+                rows.append([method, cpu, f"{sum(times) / len(times):.2f}", f"{times[0]:.2f}-{times[-1]:.2f}",
+                             str(len(times))])
+        self.add(*table(["method", "processor", "s/round (mean)", "range", "cells"], rows))
 
     def missing(self) -> None:
         missing = [s for s in self.statuses if not s.finished]

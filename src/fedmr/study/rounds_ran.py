@@ -38,6 +38,13 @@ def s_per_round(row: dict[str, str]) -> str:
         return value
 
 
+def processor(e: Entry) -> str:
+    """The processor a finished cell ran on, from its segments.csv: the one named if every segment names the
+    same, "several" when they differ, "not recorded" when none does (cells from before the file existed)."""
+    names = {seg.get("processor", "") for seg in read_segments(e.status.folder / FILE)} - {""}
+    return names.pop() if len(names) == 1 else "several (see the cell's segments.csv)" if names else "not recorded"
+
+
 def stretches(e: Entry) -> list[list[str]]:
     """The table's rows for one cell: its segments, with "not recorded" rows for the rounds none covers."""
     if e.stats is not None:
