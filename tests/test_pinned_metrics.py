@@ -6,7 +6,7 @@ Why each comparison holds on every CPU:
 - **Counts and megabytes, exact** (``pinned_metrics.json``, commit 5364955): which clients are
   selected, dropped and rejected, and how many bytes cross the wire, are integer decisions and byte
   counts.  They do not depend on float rounding, except through a rejection whose update norm lies
-  within rounding of ``max_update_norm``; the pinned rejections are by orders of magnitude.
+  within rounding of ``max_update_norm``; the rejections compared are clear of it (FedGen below).
 - **Losses and accuracies, in float64** (``pinned_metrics_float64.json``, written at 3a6bf6a with
   the CNN in float64 through a plug-in model): float32 training is not comparable across CPUs.
   At lr 0.05 a few float32 ulps per step grow to 0.1% in three rounds (FedAvg's round-3 loss:
@@ -17,7 +17,11 @@ Why each comparison holds on every CPU:
   3a6bf6a agree with 5364955's float32 rows to the float32 drift (within 1e-7 in round 1, 3e-3
   by round 4 for FedAvg), and the counts above tie the two commits together.
 - FedGen's run is there to diverge (update norms reach 1e22) so that its updates are rejected; its
-  losses are those of a diverging float32 run and are not compared, only its counts.
+  losses are those of a diverging float32 run and are not compared, only its counts, and those only
+  up to round 3.  By round 4 the divergence has made even the rejections CPU-dependent: on an AMD
+  EPYC with AVX-512 one client's norm was 8.35 against the limit of 8 and another's under it, so
+  that round accepted one update where the pinning CPU accepted none (CI, 2026-12-06).  Round 4 is
+  held to what no rounding changes: the same number of clients took part, and the same megabytes.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ CASES = {
     "scaffold-dropout": {"algorithm": "scaffold", "dropout_rate": 0.2},
     "fedgen-norm-limit": {"algorithm": "fedgen", "max_update_norm": 8.0},
 }
+CHAOTIC_AFTER = 3  # FedGen's diverging run: its rejections depend on the CPU from round 4 on (above)
 BASE = {"rounds": 4, "eval_every": 1, "num_clients": 20, "clients_per_round": 5, "alpha": 0.5, "seed": 3, "lr": 0.05,
         "workers": 1}
 
@@ -68,8 +73,12 @@ def test_a_small_run_selects_rejects_and_counts_as_before_the_redesign(case):
     want = PINNED[case]
     assert [r["round"] for r in rows] == [w["round"] for w in want]
     for got, expected in zip(rows, want):
-        for key in ("clients", "rejected", "dropped"):
-            assert got[key] == expected[key], (case, got["round"], key)
+        counts = ("clients", "rejected", "dropped")
+        if case == "fedgen-norm-limit" and got["round"] > CHAOTIC_AFTER:
+            assert sum(got[k] for k in counts) == sum(expected[k] for k in counts), (case, got["round"])
+        else:
+            for key in counts:
+                assert got[key] == expected[key], (case, got["round"], key)
         for key in ("down_mb", "up_mb"):
             assert got[key] == pytest.approx(expected[key], rel=1e-12), (case, got["round"], key)
 
