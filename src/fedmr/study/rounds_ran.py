@@ -1,5 +1,6 @@
 """Where a long cell's rounds ran: its ``segments.csv`` (engine/segments.py, a row per start or resume of
-the run) as a small table of the ResNet-20 section.
+the run) as a small table of the ResNet-20 section, and the processor each finished cell ran on, by which the
+page's "Wall time per round" table groups its cells.
 
 A finished cell is read from its folder's ``segments.csv``, a partial one from ``parked/segments.csv``
 only (committed with its parked checkpoint, so the page is the same from any checkout).  Rounds no
