@@ -46,36 +46,13 @@ def _wait_for(proc: subprocess.Popen, condition, what: str) -> None:
         time.sleep(0.005)
 
 
-def _live_members(group: int) -> list[int]:
-    """The processes of process group ``group`` that have not exited yet (zombies have closed their files)."""
-    live = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):  # the process ended while we looked
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            live.append(int(stat.parent.name))
-    return live
-
-
 def _kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
-    """SIGKILL takes the run's whole process group (as a crash of the job would); SIGTERM goes to the main process.
-
-    After SIGKILL this also waits for the group's other members (forked round workers) to exit: they share the
-    run's folder lock, which the kernel drops only when the last of them has closed it, so a resume started when
-    only the main process has been reaped can still find the folder held."""
+    """SIGKILL takes the run's whole process group (as a crash of the job would); SIGTERM goes to the main process."""
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)
-    rc = proc.wait(TIMEOUT)
-    if sig == signal.SIGKILL and Path("/proc/self/stat").exists():
-        deadline = time.monotonic() + TIMEOUT
-        while _live_members(proc.pid):
-            assert time.monotonic() < deadline, "the killed run's workers did not exit"
-            time.sleep(0.005)
-    return rc
+    return proc.wait(TIMEOUT)
 
 
 def _manifest_rounds(run: Path) -> list[int]:
